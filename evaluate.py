@@ -1,0 +1,450 @@
+"""Official FreiHAND / HO3Dv2 hand-mesh metrics, official submission files, and a demo (SPEC.md section 8).
+
+HandMIM (Liu et al., arXiv 2307.16061) reports PA-MPVPE 6.29 mm on FreiHAND and 8.00 mm on HO3Dv2, as
+computed by the benchmarks' own scorers: lmb-freiburg/freihand `eval.py` + `utils/eval_util.py` and
+shreyashampali/ho3d `eval.py`. This file re-implements those scorers as batched numpy/torch code and
+keeps every convention of theirs, quirks included:
+
+  procrustes   `align_w_scale`: centre both sets, divide each by its Frobenius norm (+1e-8), rotation
+               from the SVD of gt^T pred WITHOUT the det(R) = +1 correction (a mirrored prediction is
+               aligned perfectly), scale = sum of singular values. Joints and vertices separately.
+  MPJPE/MPVPE  per point: mean over samples; then mean over points (`EvalUtil.get_measures`).
+  AUC          per point: PCK curve with `<=` on linspace(0, 50 mm, 100), trapezoid integral divided by the
+               trapezoid integral of 1; then mean over points.
+  F@5, F@15    nearest-neighbour distances both ways (Open3D in the official code, a KD-tree here),
+               strict `<`, F = 2PR / (P + R) (0 if P + R = 0); mean over samples.
+  ST-MPJPE     HO3D's `align_sc_tr`: scale the prediction so its wrist -> middle-MCP bone has the GT length,
+               then move its wrist onto the GT wrist.
+
+Files: a submission is `pred.json` = [xyz_list, verts_list] in metres (+ `pred.zip` holding it). FreiHAND:
+FreiHAND joint order, OpenCV camera frame, 3960 samples. HO3Dv2: MANO+tips joint order, OpenGL frame (y, z
+negated), absolute positions (wrist from the evaluation meta), 11524 samples. Ground truth is read from a
+dataset folder's evaluation_xyz.json / evaluation_verts.json in the same convention as its submissions
+(FreiHAND ships them; for HO3D the official GT release and data.py's synthetic HO3D sets). Everything in
+this file works in the internal convention (FreiHAND order, OpenCV) and converts at the file boundary.
+
+Run:
+    python evaluate.py --score out/pred.json --gt FreiHAND_pub_v2     # or pred.zip; --layout ho3d
+    python evaluate.py --images DIR --checkpoint CKPT --out DIR        # demo (see the DEMO section)
+In Python: `score(pred_xyz, pred_verts, gt_xyz, gt_verts)` -> dict in metres; `write_submission(...)`.
+
+Shapes: B samples, J = 21 joints (internal FreiHAND order unless a name says HO3D), V vertices,
+N points (J or V) of a set, M points of the other set, T thresholds.
+"""
+import json
+import os
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND
+from pretrain import config_from_cli
+
+F_THRESHOLDS = (0.005, 0.015)     # metres: the official `f_threshs`
+AUC_RANGE = (0.0, 0.05, 100)      # metres: the official `get_measures(0.0, 0.05, 100)`
+ST_BONE = (0, 9)                  # wrist, middle MCP (internal order) = joints 0 and 4 of HO3D's order
+OPENGL = np.array([1.0, -1.0, -1.0])  # HO3D's OpenGL camera frame = OpenCV with y and z negated
+LAYOUTS = ('freihand', 'ho3d')
+
+
+# ----------------------------------------------------------------------------------------------------
+# METRICS (pure functions, metres)
+
+def _as_f64(x):
+    """An array-like or (any-device) torch tensor as a float64 numpy array (no copy if it is one)."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _procrustes_params(pred, gt):
+    """Batched `align_w_scale` pieces: (pred_n, R, s, gt_norm, gt_mean, pred_mean) for torch (B,N,3)."""
+    gt_mean, pred_mean = gt.mean(1, keepdim=True), pred.mean(1, keepdim=True)   # (B, 1, 3)
+    gt_c, pred_c = gt - gt_mean, pred - pred_mean
+    gt_norm = gt_c.flatten(1).norm(dim=1)[:, None, None] + 1e-8                 # (B, 1, 1) Frobenius
+    pred_norm = pred_c.flatten(1).norm(dim=1)[:, None, None] + 1e-8
+    gt_n, pred_n = gt_c / gt_norm, pred_c / pred_norm
+    # scipy.linalg.orthogonal_procrustes(gt_n, pred_n): U W V^T = svd(gt_n^T pred_n), R = U V^T minimises
+    # ||gt_n R - pred_n||, scale = sum(W). No sign fix on the last singular vector: R may be a reflection.
+    U, W, Vh = torch.linalg.svd(gt_n.transpose(1, 2) @ pred_n)                  # (B, 3, 3), (B, 3)
+    return pred_n, U @ Vh, W.sum(-1)[:, None, None], gt_norm, gt_mean, pred_mean
+
+
+def procrustes(pred, gt):
+    """Similarity-align `pred` (B,N,3) to `gt` (B,N,3) exactly as the official `align_w_scale`.
+
+    Works on numpy arrays (float64, returns numpy) and on torch tensors (any device/float dtype,
+    returns a tensor: finetune.py uses it for its validation PA-MPVPE)."""
+    is_numpy = not torch.is_tensor(pred)
+    P = torch.from_numpy(_as_f64(pred)) if is_numpy else pred
+    G = torch.as_tensor(_as_f64(gt) if is_numpy else gt, dtype=P.dtype, device=P.device)
+    pred_n, R, s, gt_norm, gt_mean, _ = _procrustes_params(P, G)
+    aligned = (pred_n @ R.transpose(1, 2)) * s * gt_norm + gt_mean              # (B, N, 3)
+    return aligned.numpy() if is_numpy else aligned
+
+
+def _align_by_keypoint_transform(verts, pred_xyz, gt_xyz):
+    """Official `align_by_trafo`: vertices aligned with the transform estimated from the joints.
+
+    The official scorer uses it only when the predicted mesh has a different vertex count than the GT
+    (it then also skips the mesh errors). Replicated verbatim, quirks included: it computes
+        (v - mean(v)) R^T s |gt_xyz_c| + mean(gt_xyz) - mean(pred_xyz) + mean(v)
+    where the joint transform would be (v - mean(pred_xyz)) / |pred_xyz_c| R^T s |gt_xyz_c| + mean(gt_xyz)."""
+    _, R, s, gt_norm, gt_mean, pred_mean = _procrustes_params(*map(torch.from_numpy, (pred_xyz, gt_xyz)))
+    v = torch.from_numpy(verts)
+    v_mean = v.mean(1, keepdim=True)
+    return ((v - v_mean) @ R.transpose(1, 2) * s * gt_norm + (gt_mean - pred_mean) + v_mean).numpy()
+
+
+def align_scale_translation(pred, gt, bone=ST_BONE):
+    """HO3D's `align_sc_tr` on (B,J,3): rescale so |pred[b1] - pred[b0]| = |gt[b1] - gt[b0]|, then put
+    pred[b0] on gt[b0]. A zero-length predicted bone is not divided by (as the official code)."""
+    b0, b1 = bone
+    s = np.sqrt(np.sum(np.square(pred[:, b1] - pred[:, b0]), -1))[:, None, None]  # (B, 1, 1)
+    s_gt = np.sqrt(np.sum(np.square(gt[:, b1] - gt[:, b0]), -1))[:, None, None]
+    pred = pred / np.where(s > 0, s, 1.0) * s_gt
+    return pred - pred[:, b0:b0 + 1] + gt[:, b0:b0 + 1]
+
+
+def point_errors(pred, gt):
+    """(B,N,3) x 2 -> (B,N) Euclidean distances, as `EvalUtil.feed`."""
+    return np.sqrt(np.sum(np.square(gt - pred), axis=-1))
+
+
+def mean_error(err):
+    """`EvalUtil` mean: per point over samples, then over points (B,N) -> float."""
+    return float(np.mean(err.mean(0)))
+
+
+def _trapezoid(y, x):
+    """np.trapz(y, x) along the last axis, written out: sum of dx * (y_i + y_{i+1}) / 2."""
+    return (np.diff(x) * (y[..., 1:] + y[..., :-1]) / 2.0).sum(-1)
+
+
+def pck_curve(err, thresholds):
+    """(B,N) errors -> (N,T): per point, the fraction of samples with error `<=` each threshold."""
+    srt = np.sort(err, axis=0)                                                  # (B, N)
+    # searchsorted 'right' counts the values <= t: the official `np.mean(data <= t)` per point
+    counts = np.stack([np.searchsorted(srt[:, n], thresholds, side='right') for n in range(err.shape[1])])
+    return counts / err.shape[0]                                                # (N, T)
+
+
+def auc_pck(err, lo=AUC_RANGE[0], hi=AUC_RANGE[1], steps=AUC_RANGE[2]):
+    """Official AUC of the PCK curve: per point trapz(pck, t) / trapz(1, t), then mean over points.
+
+    With uniform thresholds t_k = lo + k h, h = (hi - lo)/(T - 1), the normaliser is (T - 1) h = hi - lo and
+        AUC_n = (sum_k pck_n(t_k) - (pck_n(t_0) + pck_n(t_{T-1})) / 2) / (T - 1),
+    so even a perfect prediction with tiny nonzero errors gets 1 - 1/(2(T - 1)) = 0.99495 (pck_n(0) = 0)."""
+    t = np.linspace(lo, hi, steps)
+    auc = _trapezoid(pck_curve(err, t), t) / _trapezoid(np.ones_like(t), t)      # (N,)
+    return float(np.mean(auc))
+
+
+def nn_distances(src, dst, bound=np.inf, workers=None):
+    """(B,N,3), (B,M,3) -> (B,N): per sample, distance from each src point to its nearest dst point.
+
+    What Open3D's compute_point_cloud_to_point_cloud_distance returns in the official scorer. Distances
+    beyond `bound` come back as inf (the KD-tree prunes those searches). One small KD-tree per sample;
+    the samples are split over `workers` threads (default: the CPU count, at most 8), as cKDTree releases
+    the GIL while it builds and searches."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+
+    def run(ids):
+        return [cKDTree(dst[i]).query(src[i], k=1, distance_upper_bound=bound)[0] for i in ids]
+    with ThreadPoolExecutor(workers) as pool:
+        chunks = pool.map(run, np.array_split(np.arange(len(src)), workers))
+    return np.stack([d for chunk in chunks for d in chunk])                     # (B, N)
+
+
+def f_score(pred, gt, thresh=F_THRESHOLDS):
+    """Official `calculate_fscore` per sample: (B,N,3), (B,M,3) -> (B,T), or (B,) for a scalar `thresh`."""
+    t = np.asarray(thresh, dtype=np.float64)
+    ts = np.atleast_1d(t)                                                       # (T,)
+    bound = 1.5 * ts.max()        # any bound above the largest threshold keeps every `d < t` exact; tight prunes
+    d_gt = nn_distances(_as_f64(gt), _as_f64(pred), bound)       # official d1: GT point -> nearest prediction
+    d_pred = nn_distances(_as_f64(pred), _as_f64(gt), bound)     # official d2: prediction -> nearest GT point
+    recall = (d_pred[..., None] < ts).mean(1)  # (B, T); the official names are swapped w.r.t. the usual ones,
+    precision = (d_gt[..., None] < ts).mean(1)  # harmless since F is symmetric in P and R
+    denom = recall + precision
+    f = np.where(denom > 0, 2 * recall * precision / np.where(denom > 0, denom, 1.0), 0.0)
+    return f if t.ndim else f[:, 0]
+
+
+def score(pred_xyz, pred_verts, gt_xyz, gt_verts, f_thresholds=F_THRESHOLDS):
+    """All official metrics of predictions against GT (numpy or torch, internal joint order) -> dict:
+    mpjpe, pa_mpjpe, st_mpjpe, mpvpe, pa_mpvpe (metres), auc_j, pa_auc_j, st_auc_j, auc_v, pa_auc_v,
+    f5, f15, pa_f5, pa_f15 (in [0, 1]); `pa_` = Procrustes-aligned (what papers report), `st_` = HO3D's
+    scale-translation alignment. pred_xyz/gt_xyz (B,21,3); pred_verts (B,V',3), gt_verts (B,V,3). If
+    V' != V it behaves as the official scorer: vertices aligned with the joints' transform, and no
+    mesh errors (NaN here)."""
+    pred_xyz, pred_verts, gt_xyz, gt_verts = (_as_f64(x) for x in (pred_xyz, pred_verts, gt_xyz, gt_verts))
+    same_mesh = pred_verts.shape[1] == gt_verts.shape[1]
+    xyz_pa = procrustes(pred_xyz, gt_xyz)
+    verts_pa = (procrustes(pred_verts, gt_verts) if same_mesh
+                else _align_by_keypoint_transform(pred_verts, pred_xyz, gt_xyz))
+    err_j, err_j_pa = point_errors(pred_xyz, gt_xyz), point_errors(xyz_pa, gt_xyz)   # (B, J)
+    err_j_st = point_errors(align_scale_translation(pred_xyz, gt_xyz), gt_xyz)
+    m = dict(mpjpe=mean_error(err_j), pa_mpjpe=mean_error(err_j_pa), st_mpjpe=mean_error(err_j_st),
+             auc_j=auc_pck(err_j), pa_auc_j=auc_pck(err_j_pa), st_auc_j=auc_pck(err_j_st))
+    if same_mesh:
+        err_v, err_v_pa = point_errors(pred_verts, gt_verts), point_errors(verts_pa, gt_verts)  # (B, V)
+        m.update(mpvpe=mean_error(err_v), pa_mpvpe=mean_error(err_v_pa),
+                 auc_v=auc_pck(err_v), pa_auc_v=auc_pck(err_v_pa))
+    else:
+        m.update(mpvpe=float('nan'), pa_mpvpe=float('nan'), auc_v=float('nan'), pa_auc_v=float('nan'))
+    f, f_pa = f_score(pred_verts, gt_verts, f_thresholds), f_score(verts_pa, gt_verts, f_thresholds)  # (B, T)
+    for i, t in enumerate(f_thresholds):
+        m[f'f{round(t * 1000)}'], m[f'pa_f{round(t * 1000)}'] = float(f[:, i].mean()), float(f_pa[:, i].mean())
+    return m
+
+
+def official_scores(m, layout):
+    """The metrics under the names and units of the official scores.txt (errors in cm; NaN -> None)."""
+    al = 'xyz_procrustes_al' if layout == 'ho3d' else 'xyz_al'
+    out = {'xyz_mean3d': 100 * m['mpjpe'], 'xyz_auc3d': m['auc_j'],
+           f'{al}_mean3d': 100 * m['pa_mpjpe'], f'{al}_auc3d': m['pa_auc_j']}
+    if layout == 'ho3d':
+        out.update(xyz_scale_trans_al_mean3d=100 * m['st_mpjpe'], xyz_scale_trans_al_auc3d=m['st_auc_j'])
+    out.update(mesh_mean3d=100 * m['mpvpe'], mesh_auc3d=m['auc_v'],
+               mesh_al_mean3d=100 * m['pa_mpvpe'], mesh_al_auc3d=m['pa_auc_v'])
+    for k in [k for k in m if k.startswith('f')]:                              # 'f5', 'f15'
+        out[f'f_score_{k[1:]}'], out[f'f_al_score_{k[1:]}'] = m[k], m['pa_' + k]
+    return _nan_to_none(out)
+
+
+def _nan_to_none(d):
+    """JSON has no NaN: missing metrics (mesh errors of a mesh with another vertex count) become null."""
+    return {k: (None if np.isnan(v) else v) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# SUBMISSION FILES
+
+def to_layout(xyz, verts, layout):
+    """Internal (FreiHAND order, OpenCV frame) -> a benchmark's file convention. FreiHAND: unchanged;
+    HO3D: joints in MANO+tips order, both sets in the OpenGL frame (y, z negated)."""
+    if layout == 'ho3d':
+        return xyz[:, FREIHAND_TO_MANO] * OPENGL, verts * OPENGL
+    return xyz, verts
+
+
+def from_layout(xyz, verts, layout):
+    """Inverse of `to_layout`: a benchmark file's convention -> internal order, OpenCV frame."""
+    if layout == 'ho3d':
+        return xyz[:, MANO_TO_FREIHAND] * OPENGL, verts * OPENGL
+    return xyz, verts
+
+
+def _check_sets(xyz, verts, what):
+    """Clear ValueErrors for wrong shapes, counts or non-finite values of (B,21,3) / (B,V,3) arrays."""
+    if xyz.ndim != 3 or xyz.shape[1:] != (21, 3):
+        raise ValueError(f'{what}: joints must have shape (N, 21, 3), got {xyz.shape}')
+    if verts.ndim != 3 or verts.shape[2] != 3 or verts.shape[1] == 0:
+        raise ValueError(f'{what}: vertices must have shape (N, V, 3), got {verts.shape}')
+    if len(xyz) != len(verts) or len(xyz) == 0:
+        raise ValueError(f'{what}: {len(xyz)} joint sets but {len(verts)} vertex sets (need the same, > 0)')
+    for name, a in (('joints', xyz), ('vertices', verts)):
+        bad = ~np.isfinite(a).all(axis=(1, 2))
+        if bad.any():
+            raise ValueError(f'{what}: {bad.sum()} samples have NaN/inf {name} (first: sample {bad.argmax()})')
+
+
+def _write_atomic(path, text, zip_member=None):
+    """Write `text` to `path` (or as `zip_member` of a zip archive at `path`) through a temporary file
+    and os.replace, so a failure never leaves a partial file or clobbers an old one."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        if zip_member:
+            with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
+                z.writestr(zip_member, text)
+        else:
+            with open(tmp, 'w') as f:
+                f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_submission(xyz, verts, out_dir, layout='freihand', root=None):
+    """Write the official `pred.json` = [xyz_list, verts_list] (metres) and `pred.zip` into `out_dir`.
+
+    xyz (B,21,3), verts (B,V,3): internal order, OpenCV camera frame, metres (numpy or torch). `root`
+    (B,3), optional: the camera-frame wrist to translate each prediction to (HO3D: the wrist of the
+    evaluation meta, since HO3D scores absolute positions and only gives the wrist). FreiHAND's evaluation
+    split has 3960 samples, HO3Dv2's 11524, in the order of the split. Returns the path of pred.json."""
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+    xyz, verts = _as_f64(xyz), _as_f64(verts)
+    _check_sets(xyz, verts, 'write_submission')
+    if root is not None:
+        shift = _as_f64(root).reshape(-1, 1, 3) - xyz[:, :1]                    # (B, 1, 3)
+        xyz, verts = xyz + shift, verts + shift
+    xyz, verts = to_layout(xyz, verts, layout)
+    if layout == 'ho3d':   # the check of HO3D's pred.py: hands are in front of an OpenGL camera (z < 0)
+        bad = (xyz[..., 2] > 0).all(1) | (verts[..., 2] > 0).all(1)
+        if bad.any():
+            raise ValueError(f'write_submission: {bad.sum()} samples lie behind the OpenGL camera (all z > 0, '
+                             f'first: sample {bad.argmax()}); give camera-frame OpenCV coordinates (they are '
+                             f'converted here), not coordinates already in OpenGL')
+    # 1 nm rounding: ~35% smaller files, a million times below the resolution of any metric
+    text = json.dumps([np.round(xyz, 9).tolist(), np.round(verts, 9).tolist()])
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, zip_path = os.path.join(out_dir, 'pred.json'), os.path.join(out_dir, 'pred.zip')
+    _write_atomic(json_path, text)
+    _write_atomic(zip_path, text, zip_member='pred.json')                       # = `zip -j pred.zip pred.json`
+    return json_path
+
+
+def _read_json(path):
+    """Parse a .json file, or the .json inside a .zip; clear errors for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist')
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith('.json')]
+                if len(names) != 1:
+                    raise ValueError(f'{path}: expected exactly one .json file inside the zip, found {names}')
+                return json.loads(z.read(names[0]))
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        raise ValueError(f'{path} is not valid JSON ({type(e).__name__}: {e})') from None
+
+
+def _to_array(lists, what):
+    try:
+        return np.asarray(lists, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise ValueError(f'{what}: not a regular array of numbers (entries of different shapes, '
+                         f'or non-numeric values)') from None
+
+
+def load_prediction(path):
+    """pred.json / pred.zip -> (xyz (B,21,3), verts (B,V,3)) as stored in the file (no conversion)."""
+    data = _read_json(path)
+    if not isinstance(data, list) or len(data) != 2:
+        raise ValueError(f'{path}: expected the official format [xyz_list, verts_list], got a '
+                         f'{type(data).__name__}' + (f' of length {len(data)}' if isinstance(data, list) else ''))
+    xyz, verts = _to_array(data[0], f'{path} joints'), _to_array(data[1], f'{path} vertices')
+    _check_sets(xyz, verts, path)
+    return xyz, verts
+
+
+def detect_layout(gt_dir):
+    """'ho3d' for a folder with HO3D's evaluation.txt, else 'freihand'."""
+    return 'ho3d' if os.path.isfile(os.path.join(gt_dir, 'evaluation.txt')) else 'freihand'
+
+
+def load_ground_truth(gt_dir, layout):
+    """evaluation_xyz.json / evaluation_verts.json of a dataset folder, in the benchmark's convention.
+
+    FreiHAND ships them (metres, camera frame, FreiHAND order). HO3D's are in HO3D's convention
+    (MANO+tips order, OpenGL frame): the official GT release and our synthetic HO3D sets alike."""
+    arrays = []
+    for name in ('evaluation_xyz.json', 'evaluation_verts.json'):
+        path = os.path.join(gt_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'ground truth file {path} is missing: a {layout} evaluation folder needs '
+                                    f'evaluation_xyz.json and evaluation_verts.json (lists of per-sample '
+                                    f'point lists in metres)')
+        arrays.append(_to_array(_read_json(path), path))
+    _check_sets(arrays[0], arrays[1], f'ground truth in {gt_dir}')
+    return arrays[0], arrays[1]
+
+
+def score_files(pred_path, gt_dir, layout='auto'):
+    """Score a submission file against a dataset folder's GT; returns (metrics dict, layout, count)."""
+    layout = detect_layout(gt_dir) if layout == 'auto' else layout
+    gt_xyz, gt_verts = load_ground_truth(gt_dir, layout)
+    xyz, verts = load_prediction(pred_path)
+    if len(xyz) != len(gt_xyz):
+        raise ValueError(f'{pred_path} has {len(xyz)} samples but the ground truth in {gt_dir} has '
+                         f'{len(gt_xyz)} (real evaluation splits: FreiHAND 3960, HO3Dv2 11524)')
+    xyz, verts = from_layout(xyz, verts, layout)
+    gt_xyz, gt_verts = from_layout(gt_xyz, gt_verts, layout)
+    return score(xyz, verts, gt_xyz, gt_verts), layout, len(xyz)
+
+
+def format_table(m):
+    """The metrics as a printable table, errors in mm."""
+    mm = lambda k: f'{1000 * m[k]:8.2f}'
+    rows = [('PA-MPJPE (mm)', mm('pa_mpjpe')), ('PA-MPVPE (mm)', mm('pa_mpvpe')),
+            ('F@5 (aligned)', f"{m['pa_f5']:8.3f}"), ('F@15 (aligned)', f"{m['pa_f15']:8.3f}"),
+            ('AUC_J (aligned, 0-50 mm)', f"{m['pa_auc_j']:8.3f}"),
+            ('AUC_V (aligned, 0-50 mm)', f"{m['pa_auc_v']:8.3f}"),
+            ('ST-MPJPE (mm, HO3D scale-translation)', mm('st_mpjpe')),
+            ('MPJPE (mm, unaligned)', mm('mpjpe')), ('MPVPE (mm, unaligned)', mm('mpvpe')),
+            ('F@5 / F@15 (unaligned)', f"{m['f5']:8.3f} / {m['f15']:.3f}")]
+    return '\n'.join(f'{name:40s}{value}' for name, value in rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DEMO (issue 6 item 4, not built yet)
+# `python evaluate.py --images DIR --checkpoint CKPT --out DIR [--left]` goes here: load the model with
+# finetune.load_finetuned, predict each crop (mirrored with --left and mirrored back), and write per image
+# an overlay PNG (data.render_mesh, shaded, with the 21 joints), an OBJ and the MANO parameters (.npz).
+
+def run_demo(cfg):
+    raise NotImplementedError('the demo (--images/--checkpoint/--out) is not built yet')
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+@dataclass
+class EvalConfig:
+    """Score an official pred.json/pred.zip against local ground truth, or run the demo on images."""
+    score: str = field(default='', metadata={'help': 'pred.json, pred.zip or a folder with pred.json to score '
+                                                     '(scores.json goes beside it)'})
+    gt: str = field(default='', metadata={'help': 'dataset folder with evaluation_xyz.json, evaluation_verts.json'})
+    layout: str = field(default='auto', metadata={'help': "the files' convention; auto: ho3d if the folder "
+                                                          "has evaluation.txt, else freihand",
+                                                  'choices': ['auto', *LAYOUTS]})
+    images: str = field(default='', metadata={'help': 'demo: folder of hand crops'})
+    checkpoint: str = field(default='', metadata={'help': 'demo: fine-tuned checkpoint (finetune.py best.pth)'})
+    out: str = field(default='', metadata={'help': 'demo: output folder'})
+    left: bool = field(default=False, metadata={'help': 'demo: the images show left hands (mirrored)'})
+
+
+def run_score(cfg):
+    """Score, print the table, write scores.json next to the prediction (only if everything worked)."""
+    if not cfg.gt:
+        raise ValueError('--score needs --gt DIR, the dataset folder with the evaluation ground truth')
+    pred = os.path.join(cfg.score, 'pred.json') if os.path.isdir(cfg.score) else cfg.score
+    metrics, layout, n = score_files(pred, cfg.gt, cfg.layout)
+    print(f'{n} samples, {layout} layout\n' + format_table(metrics))
+    result = dict(config=asdict(cfg), layout=layout, num_samples=n, metrics=_nan_to_none(metrics),
+                  official=official_scores(metrics, layout))   # the config is saved here, not beside pred.json
+    out = os.path.join(os.path.dirname(os.path.abspath(pred)), 'scores.json')
+    _write_atomic(out, json.dumps(result, indent=1))
+    print(f'scores written to {out}')
+    return result
+
+
+def main(argv=None):
+    """CLI entry point; returns the exit code (2 with a one-line message for bad input, nothing written)."""
+    cfg = config_from_cli(EvalConfig, argv)
+    print(json.dumps(asdict(cfg)))
+    try:
+        if cfg.score:
+            run_score(cfg)
+        elif cfg.images:
+            run_demo(cfg)
+        else:
+            raise ValueError('nothing to do: give --score PRED.json --gt DIR, '
+                             'or --images DIR --checkpoint CKPT --out DIR')
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
