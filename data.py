@@ -1048,7 +1048,8 @@ def main(argv=None):
         if name == 'out':
             p.add_argument('out', help=fld.metadata['help'])
         else:
-            p.add_argument('--' + name.replace('_', '-'), dest=name, type=type(fld.default), default=fld.default,
+            flags = dict.fromkeys(['--' + name, '--' + name.replace('_', '-')])  # --img_size or --img-size
+            p.add_argument(*flags, dest=name, type=type(fld.default), default=fld.default,
                            help=fld.metadata['help'] + f' (default: {fld.default})')
     args = vars(parser.parse_args(argv))
     cfg = SynthConfig(**{k: v for k, v in args.items() if k != 'command'})
