@@ -1,34 +1,29 @@
-"""HandMIM self-supervised pretraining of a plain ViT on unlabeled hand images.
+"""HandMIM self-supervised pretraining of a plain ViT on unlabeled hand images (SPEC.md section 6).
 
 HandMIM (Liu et al., arXiv 2307.16061) trains a student ViT against an EMA teacher with losses at
-three granularities (SPEC.md section 6):
+three granularities:
   L_cls, L_pka  [CLS] token: DINO/iBOT cross-view distillation, plus pseudo keypoint alignment: the
-                teacher's last-layer [CLS]->patch attention peaks (soft-argmax, one per head) of one
-                view, carried into the other view with the known augmentation affines A_i A_j^-1,
-                are regressed from the student's [CLS] token, which makes it pose-aware;
+                teacher's last-layer [CLS]->patch attention peaks (soft-argmax, one per head) of one view,
+                carried into the other view with the known augmentation affines A_i A_j^-1, are regressed
+                from the student's [CLS] token, which makes it pose-aware;
   L_mim         patch tokens: iBOT masked-image-modeling self-distillation on the masked patches;
   L_pix         pixels: MAE norm_pix reconstruction of the masked patches (SimMIM-style linear head).
-The paper's full text is not available: PKA's exact form and the loss weights (1 each) are our
-documented design on top of the public recipes (bytedance/ibot main_ibot.py, DINO, MAE).
+The paper's full text is not available: PKA's exact form and the loss weights (1 each) are our design
+on top of the public recipes (bytedance/ibot main_ibot.py, DINO, MAE). Other choices of ours: the 'tiny'
+CPU preset (ViT-Tiny with 6 blocks at 128 px, head 512 -> 1024); a FreiHAND-layout folder pretrains on
+training/rgb only; a sample's views and masks are a pure function of (seed, epoch, index) and drop path
+of (seed, step), so a resumed CPU run reproduces the uninterrupted one bit for bit.
 
 Run:   python pretrain.py --data ./hands                        (CPU: the 'tiny' preset, announced)
        python pretrain.py --data DIR --preset base --amp bf16   (one GPU, paper scale)
        torchrun --nproc_per_node=2 pretrain.py --data DIR       (DDP; gloo on CPU, NCCL on GPU)
        python pretrain.py --help                                (every flag, e.g. --w_pka 0 for an ablation)
-Outputs in --output_dir: config.json, log.jsonl, checkpoint.pth (each epoch and on Ctrl-C),
-backbone.pth at the end (the TEACHER's ViT under the standard MAE/DINO/timm key names).
-Exit codes: 0 done, 130 stopped by Ctrl-C/SIGTERM (checkpoint saved; --resume continues exactly),
-2 bad input (message, no traceback), 1 loss NaN/inf for --max_non_finite steps in a row.
+Outputs in --output_dir: config.json, log.jsonl, checkpoint.pth (each epoch and on Ctrl-C), backbone.pth
+at the end (the TEACHER's ViT under the standard MAE/DINO/timm key names). Exit codes: 0 done, 130 stopped
+by Ctrl-C/SIGTERM (checkpoint saved; --resume continues exactly), 2 bad input, 1 loss NaN/inf too often.
 
-Our choices where the recipes leave room: the 'tiny' CPU preset is ViT-Tiny with 6 blocks (not 12)
-at 128 px and a head of hidden width 512 and out_dim 1024; a FreiHAND-layout folder pretrains on
-training/rgb only; a sample's views and masks are a pure function of (seed, epoch, index) and the
-student's drop path of (seed, step), so a resumed CPU run reproduces the uninterrupted one bit for bit.
-
-The first part of this file holds the training utilities shared with finetune.py.
-
-Shapes: B batch, V views, S view side (px), N = h*w patches, D width, H heads (= K pseudo
-keypoints), P = patch*patch*3 pixel values of a patch, C head output dim (out_dim).
+Shapes: B batch, V views (2 global + L local), S view side (px), N = h*w patches, D width, H heads
+(= K pseudo keypoints), P = patch*patch*3 pixel values of a patch, C head output dim (out_dim).
 """
 import argparse
 import contextlib
@@ -38,6 +33,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import typing
@@ -48,18 +44,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-# =============================================================================================
-# Shared training utilities (finetune.py imports these)
-# =============================================================================================
+import model as M
+from data import ImageFolder, PretrainAugment
+
+
+# -------- Shared training utilities (finetune.py imports these)
+def _flag(default, help, **metadata):
+    """A dataclass field with its --help text (read by config_from_cli)."""
+    return field(default=default, metadata=dict(help=help, **metadata))
 
 
 def config_from_cli(cls, argv=None):
-    """Build a dataclass `cls` instance from command-line flags generated from its fields.
-
-    Types come from the default value (or the annotation when the default is None), bools become
-    `--flag/--no-flag`, tuples take several values, help text comes from field(metadata={'help'}).
-    """
+    """A dataclass `cls` instance from flags generated from its fields: the type from the default (or the
+    annotation when it is None), bools as `--flag/--no-flag`, tuples with nargs, help from the metadata."""
     parser = argparse.ArgumentParser(description=(cls.__doc__ or '').strip().split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
@@ -71,10 +70,8 @@ def config_from_cli(cls, argv=None):
             kw['action'] = argparse.BooleanOptionalAction
         elif isinstance(default, (tuple, list)):
             kw.update(nargs='+', type=type(default[0]) if default else str)
-        elif default is None:   # `x: int = None` or `x: str | None = None`
-            kw['type'] = _annotation_type(f.type)
-        else:
-            kw['type'] = type(default)
+        else:   # `x: int = None` or `x: float | None = None` take the type from the annotation
+            kw['type'] = type(default) if default is not None else _annotation_type(f.type)
         parser.add_argument('--' + f.name, **kw)
     args = parser.parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
@@ -82,19 +79,16 @@ def config_from_cli(cls, argv=None):
 
 
 def _annotation_type(ann):
-    """The first concrete type of an annotation such as `int`, `float | None` or the string 'str'."""
-    if isinstance(ann, str):
-        return {'int': int, 'float': float}.get(ann.split('|')[0].strip(), str)
+    """The first concrete type of an annotation such as `int` or `float | None` (else str)."""
     args = [a for a in typing.get_args(ann) if a is not type(None)] or [ann]
-    return args[0] if args[0] in (int, float, str) else str
+    return args[0] if args[0] in (int, float) else str
 
 
 def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_start=0.0):
-    """Linear warm-up from `warmup_start` to `start`, then half a cosine from `start` to `end`.
+    """Linear warm-up from `warmup_start` to `start`, then half a cosine from `start` to `end` (clamped).
 
-    iBOT/DINO `cosine_scheduler` as a pure function of the step (used for lr, weight decay, EMA
-    momentum and, with start == end, the teacher-temperature warm-up). Clamped after the end.
-    """
+    iBOT/DINO `cosine_scheduler` as a pure function of the step: lr, weight decay, EMA momentum and,
+    with start == end, the teacher-temperature warm-up."""
     if step < warmup_steps:
         return warmup_start + (start - warmup_start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -102,10 +96,7 @@ def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_start=
 
 
 def setup_distributed(device='auto'):
-    """-> (rank, world_size, torch.device). DDP when launched by torchrun, else one process.
-
-    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; the backend is NCCL on GPUs and gloo on CPU.
-    """
+    """-> (rank, world_size, torch.device): DDP (NCCL on GPUs, gloo on CPU) under torchrun, else one process."""
     if device not in ('auto', 'cpu', 'cuda'):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == 'cuda' and not torch.cuda.is_available():
@@ -113,8 +104,7 @@ def setup_distributed(device='auto'):
     use_cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return 0, 1, torch.device('cuda' if use_cuda else 'cpu')
-    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    rank, world, local_rank = (int(os.environ.get(k, 0)) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -128,16 +118,12 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-_AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
 def autocast(device, amp):
     """Mixed-precision context for `amp` in 'off'|'bf16'|'fp16' (a no-op context for 'off')."""
-    if amp == 'off':
-        return contextlib.nullcontext()
-    if amp not in _AMP_DTYPES:
+    if amp not in ('off', 'bf16', 'fp16'):
         raise ValueError(f"--amp must be off, bf16 or fp16, got {amp!r}")
-    return torch.autocast(torch.device(device).type, dtype=_AMP_DTYPES[amp])
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(amp)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def make_scaler(amp, device):
@@ -146,8 +132,8 @@ def make_scaler(amp, device):
 
 
 def save_checkpoint(state, path):
-    """torch.save `state` (tensors and plain Python values only) atomically: tmp file + os.replace,
-    so an interrupted write never leaves a truncated checkpoint behind."""
+    """torch.save `state` (tensors and plain Python values) via a tmp file + os.replace, so an
+    interrupted write never leaves a truncated checkpoint behind."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'wb') as f:
@@ -173,21 +159,18 @@ def load_checkpoint(path):
     return state
 
 
-_NO_DECAY_NAMES = ('cls_token', 'mask_token', 'pos_embed')
-
-
 def param_groups(model, weight_decay, lr_scale_fn=None):
-    """AdamW parameter groups: no weight decay on biases, norms (1-D tensors), tokens, pos_embed.
+    """AdamW groups of the trainable parameters: no weight decay on biases, norms, tokens, pos_embed.
 
-    Each group carries 'wd_scale' (1 or 0) and 'lr_scale' (lr_scale_fn(name), e.g. layer-wise decay)
-    so the training loop sets lr = lr(step) * lr_scale and weight_decay = wd(step) * wd_scale.
-    Frozen parameters (requires_grad False) are left out.
+    Each group carries 'wd_scale' (1 or 0) and 'lr_scale' (lr_scale_fn(name), e.g. layer-wise decay):
+    the training loop sets lr = lr(step) * lr_scale and weight_decay = wd(step) * wd_scale.
     """
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith('.bias') or name.split('.')[-1] in _NO_DECAY_NAMES
+        leaf = name.split('.')[-1]
+        no_decay = p.ndim <= 1 or leaf == 'bias' or leaf in ('cls_token', 'mask_token', 'pos_embed')
         lr_scale = 1.0 if lr_scale_fn is None else float(lr_scale_fn(name))
         key = (no_decay, lr_scale)
         if key not in groups:
@@ -203,29 +186,30 @@ def log_jsonl(path, record):
         f.write(json.dumps(record, default=float) + '\n')
 
 
+def _any_rank(flag, device):
+    """True if `flag` is True on any rank (so every rank stops at the same step)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised by NonFiniteGuard when the loss stays NaN/inf."""
 
 
 class NonFiniteGuard:
-    """Skip-and-count steps whose loss is NaN/inf; raise RuntimeError after `max_consecutive` in a row.
-
-    `guard(loss, step)` -> True when the step may proceed. Under DDP the verdict is all-reduced
-    *before* backward, so every rank skips the same steps (otherwise DDP's gradient all-reduce hangs).
-    """
+    """`guard(loss, step)` -> True when the step may proceed: NaN/inf steps are skipped and counted, and
+    `max_consecutive` in a row raise. Under DDP the verdict is all-reduced *before* backward, so every
+    rank skips the same steps (otherwise DDP's gradient all-reduce hangs)."""
 
     def __init__(self, max_consecutive=10):
-        self.max_consecutive = max_consecutive
-        self.consecutive = 0
-        self.n_skipped = 0
+        self.max_consecutive, self.consecutive, self.n_skipped = max_consecutive, 0, 0
 
     def __call__(self, loss, step=None):
-        bad = torch.as_tensor(~torch.isfinite(torch.as_tensor(loss).detach().float()).all(),
-                              dtype=torch.float32)
-        if dist.is_initialized():
-            bad = bad.to(loss.device if torch.is_tensor(loss) else 'cpu')
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() == 0:
+        if not _any_rank(not torch.isfinite(torch.as_tensor(loss)).all(),
+                         loss.device if torch.is_tensor(loss) else 'cpu'):
             self.consecutive = 0
             return True
         self.consecutive += 1
@@ -240,23 +224,17 @@ class NonFiniteGuard:
         return False
 
 
-# =============================================================================================
-# HandMIM components: masking, EMA teacher, losses, pseudo keypoints
-# =============================================================================================
-
-
+# -------- HandMIM components: masking, EMA teacher, losses, pseudo keypoints
 def block_mask(h, w, ratio, rng, min_aspect=0.3):
     """iBOT/BEiT block-wise mask over an h x w patch grid -> bool (h, w), True = masked.
 
-    Rectangles of random area (>= (min(h, w) // 3)^2 patches) and aspect ratio in
-    [min_aspect, 1/min_aspect] are added until ratio*h*w patches are masked; a rectangle is
-    accepted only if it adds between 1 and the remaining number of patches, so the count never
-    exceeds the target (it may fall short by less than one block). `rng` is a random.Random.
+    Rectangles of random area (>= (min(h, w) // 3)^2 patches) and aspect ratio in [min_aspect,
+    1/min_aspect] are added until ratio*h*w patches are masked; one is accepted only if it adds
+    between 1 and the remaining number, so the count never exceeds the target. `rng`: random.Random.
     """
-    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask, count = torch.zeros(h, w, dtype=torch.bool), 0
     target, min_area = ratio * h * w, (min(h, w) // 3) ** 2
     log_ar = (math.log(min_aspect), math.log(1 / min_aspect))
-    count = 0
     while count < target:
         remaining, added = target - count, 0
         for _ in range(10):   # up to 10 placement attempts per block, as BEiT
@@ -286,22 +264,16 @@ def make_teacher(student):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """theta_t <- m theta_t + (1 - m) theta_s in place, over the parameters the two share by name.
-
-    Parameters only, as DINO/iBOT: buffers are not averaged (our ViT and heads have none that
-    train). Parameters that only the student has (pixel and PKA heads) are ignored.
-    """
+    """theta_t <- m theta_t + (1 - m) theta_s in place over the teacher's parameters, matched by name
+    (the student-only pixel and PKA heads are ignored). Parameters only, as DINO/iBOT: no buffers."""
     student_params = dict(student.named_parameters())
-    t_params = [p for n, p in teacher.named_parameters()]
-    s_params = [student_params[n].detach() for n, _ in teacher.named_parameters()]
-    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    names, t_params = zip(*teacher.named_parameters())
+    torch._foreach_lerp_(list(t_params), [student_params[n].detach() for n in names], 1.0 - momentum)
 
 
 class Centre(nn.Module):
-    """The teacher-output centre c of DINO/iBOT, kept as a buffer, updated by EMA over the global batch.
-
-    Centring (subtracting c) and sharpening (a low teacher temperature) together prevent collapse.
-    """
+    """The teacher-output centre c of DINO/iBOT, a buffer updated by EMA over the global batch. Centring
+    (subtracting c) and sharpening (a low teacher temperature) together prevent collapse."""
 
     def __init__(self, dim, momentum=0.9):
         super().__init__()
@@ -330,8 +302,7 @@ def soft_cross_entropy(teacher_probs, student_logits, student_temp=0.1):
 def cls_loss(student_cls, teacher_probs, student_temp=0.1):
     """DINO/iBOT cross-view [CLS] loss: mean over pairs (teacher view q, student view v), v != q.
 
-    student_cls: list of (B, C) logits, the global views first, then local views.
-    teacher_probs: list of (B, C) centred and sharpened teacher targets of the global views.
+    student_cls: list of (B, C) logits, globals first; teacher_probs: list of (B, C) targets of the globals.
     """
     terms = [soft_cross_entropy(t, s, student_temp).mean()
              for q, t in enumerate(teacher_probs) for v, s in enumerate(student_cls) if v != q]
@@ -339,12 +310,9 @@ def cls_loss(student_cls, teacher_probs, student_temp=0.1):
 
 
 def mim_loss(student_patch, teacher_probs, masks, student_temp=0.1):
-    """iBOT patch loss: same view, teacher unmasked vs student masked, on masked patches only.
-
-    student_patch, teacher_probs: lists (one per global view) of (B, N, C); masks: list of (B, N) bool.
-    Normalised per image by its mask count, then averaged over the batch (images without a mask
-    count as 0, as iBOT) and over the views.
-    """
+    """iBOT patch loss: same view, teacher unmasked vs student masked, on masked patches only; normalised
+    per image by its mask count, then averaged over the batch (an image without a mask counts as 0, as
+    iBOT) and the views. student_patch, teacher_probs: lists of (B, N, C); masks: list of (B, N) bool."""
     terms = []
     for s, t, m in zip(student_patch, teacher_probs, masks):
         ce = soft_cross_entropy(t, s, student_temp)                        # (B, N)
@@ -375,47 +343,34 @@ def pixel_loss(pred, images, mask, patch_size):
 
 
 def attention_keypoints(attn, grid):
-    """Pseudo keypoints: soft-argmax of each head's [CLS]->patch attention map.
-
-    attn (B, H, N) -> (B, H, 2) as (x, y) in the view's normalised coordinates [-1, 1], in which
-    the centre of patch column j is at (2j + 1) / w - 1 (the align_corners=False convention).
-    """
+    """Pseudo keypoints: soft-argmax of each head's [CLS]->patch attention map, attn (B, H, N) -> (B, H, 2)
+    as (x, y) in [-1, 1], where patch column j is centred at (2j + 1) / w - 1 (align_corners=False)."""
     h, w = grid
     p = attn.float() / attn.float().sum(-1, keepdim=True).clamp(min=1e-12)   # the [CLS] share removed
-    ys = (torch.arange(h, device=attn.device, dtype=torch.float32) + 0.5) * 2 / h - 1
-    xs = (torch.arange(w, device=attn.device, dtype=torch.float32) + 0.5) * 2 / w - 1
+    ys, xs = (torch.linspace(-1 + 1 / n, 1 - 1 / n, n, device=attn.device) for n in (h, w))   # patch centres
     centres = torch.stack(torch.meshgrid(xs, ys, indexing='xy'), -1).reshape(h * w, 2)   # (N, 2) row-major
     return p @ centres                                                         # (B, H, 2)
 
 
-def _homogeneous(affine):
-    """(..., 2, 3) -> (..., 3, 3) by appending the row [0, 0, 1]."""
-    row = torch.zeros_like(affine[..., :1, :])
-    row[..., 0, 2] = 1.0
-    return torch.cat([affine, row], dim=-2)
-
-
 def map_between_views(points, affine_from, size_from, affine_to, size_to):
-    """Map normalised points of one view into another: view -> source image -> view.
+    """Map normalised points (B, K, 2) of one view into another through the pixel map A_to A_from^-1.
 
-    points (B, K, 2) in [-1, 1] of the view with source->view pixel affine `affine_from` (B, 2, 3)
-    and side `size_from`; returns (B, K, 2) normalised in the view (`affine_to`, `size_to`),
-    through the pixel map A_to A_from^-1. Pixel centres sit at integer coordinates (data.py,
-    OpenCV), so pixel u = (x + 1) * S / 2 - 0.5 (grid_sample's align_corners=False).
+    A view has a source->view pixel affine (B, 2, 3) and a side S. Pixel centres sit at integer
+    coordinates (data.py, OpenCV), so u = (x + 1) * S / 2 - 0.5 (grid_sample's align_corners=False).
     """
-    T = _homogeneous(affine_to.double()) @ torch.linalg.inv(_homogeneous(affine_from.double()))
+    square = lambda A: torch.cat([A, A.new_tensor([[0.0, 0, 1]]).expand(len(A), 1, 3)], 1).double()   # (B, 3, 3)
+    T = square(affine_to) @ torch.linalg.inv(square(affine_from))              # (B, 3, 3) pixel map
     px = (points.double() + 1) * size_from / 2 - 0.5                          # (B, K, 2) pixels
     px = px @ T[:, :2, :2].transpose(1, 2) + T[:, None, :2, 2]
     return ((px + 0.5) * 2 / size_to - 1).to(points.dtype)
 
 
 def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
-    """Pseudo keypoint alignment: L1 between the student's PKA-head keypoints of view i and the
-    teacher's attention keypoints of every other global view j mapped into view i, over the mapped
-    keypoints that land inside view i.
+    """Pseudo keypoint alignment: L1 between the student's PKA-head keypoints of view i and the teacher's
+    attention keypoints of every other global view j mapped into view i, where those land inside view i.
 
-    student_kp: list of (B, K, 2) per student view (globals first); teacher_kp: list of (B, K, 2)
-    for the first `n_teacher` views; affines: list of (B, 2, 3) per view; sizes: list of ints.
+    student_kp: list of (B, K, 2) per view (globals first); teacher_kp: list of (B, K, 2) for the first
+    `n_teacher` views; affines: list of (B, 2, 3) per view; sizes: list of view sides in pixels.
     """
     total, count = 0.0, 0.0   # become tensors at the first pair (there is always one)
     for j in range(n_teacher):
@@ -429,19 +384,7 @@ def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
     return total / count.clamp(min=1.0)   # no host sync: fine under torch.compile and on GPUs
 
 
-# =============================================================================================
-# Configuration and presets
-# =============================================================================================
-
-
-def _flag(default, help, **metadata):
-    """A dataclass field with its --help text (read by config_from_cli)."""
-    return field(default=default, metadata=dict(help=help, **metadata))
-
-
-ARCHS = ['vit_tiny', 'vit_small', 'vit_base', 'vit_large']
-
-
+# -------- Configuration and presets
 @dataclass
 class PretrainConfig:
     """HandMIM self-supervised pretraining of a ViT on a folder of unlabeled hand images."""
@@ -450,7 +393,7 @@ class PretrainConfig:
     preset: str = _flag('auto', 'tiny (CPU quick start) | base (paper scale) | auto: base with a GPU, else tiny',
                         choices=['auto', 'tiny', 'base'])
     # Architecture; None = the preset's value.
-    arch: str = _flag(None, 'backbone', choices=ARCHS)
+    arch: str = _flag(None, 'backbone', choices=['vit_tiny', 'vit_small', 'vit_base', 'vit_large'])
     depth: int = _flag(None, 'number of ViT blocks (overrides the arch default)')
     img_size: int = _flag(None, 'global view side in pixels')
     patch_size: int = _flag(16, 'ViT patch size')
@@ -509,8 +452,9 @@ def resolve_preset(cfg, has_gpu):
     auto = cfg.preset == 'auto'
     name = ('base' if has_gpu else 'tiny') if auto else cfg.preset
     values = {k: v for k, v in PRESETS[name].items() if getattr(cfg, k) is None}
-    if cfg.local_size is None:
-        values['local_size'] = (values.get('img_size') or cfg.img_size) * 3 // 7 // cfg.patch_size * cfg.patch_size
+    if cfg.local_size is None:   # 3/7 of the global side in whole patches (96 for 224), at least one patch
+        local = (values.get('img_size') or cfg.img_size) * 3 // 7 // cfg.patch_size * cfg.patch_size
+        values['local_size'] = max(cfg.patch_size, local)
     cfg = dataclasses.replace(cfg, preset=name, **values)
     if not any((cfg.w_cls, cfg.w_pka, cfg.w_mim, cfg.w_pix)):
         raise ValueError('all four loss weights (--w_cls --w_pka --w_mim --w_pix) are 0: nothing to train')
@@ -529,11 +473,7 @@ def check_same_architecture(saved, cfg):
                          "). Pass the same flags as the original run, or drop --resume to start afresh.")
 
 
-# =============================================================================================
-# Data: two global views (+ locals) with their affines, block masks, deterministic per sample
-# =============================================================================================
-
-
+# -------- Data: two global views (+ locals) with their affines, block masks, deterministic per sample
 @contextlib.contextmanager
 def _seeded_rngs(seed):
     """Seed Python, NumPy and torch for the block, then restore their states (whatever RNG the
@@ -555,8 +495,8 @@ class MaskedViews(torch.utils.data.Dataset):
     (N,) per global view. Indexed by (epoch, index) so each sample's randomness is a pure function
     of (seed, epoch, index): the order of workers and a resume cannot change it."""
 
-    def __init__(self, images, grid, mask_ratio, mask_ratio_var, seed, n_global=2):
-        self.images, self.grid, self.n_global, self.seed = images, grid, n_global, seed
+    def __init__(self, images, grid, mask_ratio, mask_ratio_var, seed):
+        self.images, self.grid, self.seed = images, grid, seed
         self.ratio_range = (max(0.0, mask_ratio - mask_ratio_var), min(1.0, mask_ratio + mask_ratio_var))
 
     def __len__(self):
@@ -568,8 +508,7 @@ class MaskedViews(torch.utils.data.Dataset):
         with _seeded_rngs(seed):
             sample = self.images[index]
         rng = random.Random(seed)
-        masks = [block_mask(*self.grid, rng.uniform(*self.ratio_range), rng).flatten()   # (N,)
-                 for _ in range(self.n_global)]
+        masks = [block_mask(*self.grid, rng.uniform(*self.ratio_range), rng).flatten() for _ in range(2)]   # 2 x (N,)
         return dict(views=sample['views'], affines=sample['affines'], masks=masks)
 
 
@@ -594,53 +533,35 @@ def epoch_keys(n_images, epoch, seed, rank, world, batch_size):
     return [(epoch, int(i)) for i in mine]
 
 
-# =============================================================================================
-# Model: student (ViT + heads) and EMA teacher (ViT + projection head)
-# =============================================================================================
-
-
+# -------- Model: student (ViT + heads) and EMA teacher (ViT + projection head)
 class Student(nn.Module):
-    """ViT + iBOT projection head (shared by [CLS] and patches) + pixel head + PKA head.
-
-    One forward for all student outputs, so DistributedDataParallel sees a single call.
-    """
+    """ViT + iBOT projection head (shared by [CLS] and patches, iBOT's README recipe) + pixel head + PKA
+    head, in one forward so that DDP sees a single call. The projection head runs on the patches only
+    when `patch_logits` (it is the one costly head)."""
 
     def __init__(self, backbone, out_dim, head_hidden):
         super().__init__()
-        from model import PixelHead, PKAHead, ProjectionHead
         D = backbone.embed_dim
         self.backbone = backbone
-        self.head = ProjectionHead(D, out_dim, hidden_dim=head_hidden)
-        self.pixel_head = PixelHead(D, backbone.patch_size)
-        self.pka_head = PKAHead(D, backbone.num_heads)   # K pseudo keypoints = one per attention head
+        self.head = M.ProjectionHead(D, out_dim, hidden_dim=head_hidden)
+        self.pixel_head = M.PixelHead(D, backbone.patch_size)
+        self.pka_head = M.PKAHead(D, backbone.num_heads)   # K pseudo keypoints = one per attention head
 
-    def forward(self, global_views, masks=None, local_views=None, want=('cls', 'patch', 'pix', 'kp')):
+    def forward(self, global_views, masks=None, local_views=None, patch_logits=True):
         tokens = self.backbone(global_views, mask=masks)                      # (V*B, 1+N, D)
-        out = {}
-        if 'patch' in want:
-            logits = self.head(tokens)                                         # (V*B, 1+N, C)
-            out['cls'], out['patch'] = logits[:, 0], logits[:, 1:]
-        elif 'cls' in want:
-            out['cls'] = self.head(tokens[:, 0])                               # (V*B, C)
-        if 'pix' in want:
-            out['pix'] = self.pixel_head(tokens[:, 1:])                        # (V*B, N, P)
-        if 'kp' in want:
-            out['kp'] = self.pka_head(tokens[:, 0])                            # (V*B, K, 2)
+        logits = self.head(tokens if patch_logits else tokens[:, :1])         # (V*B, 1+N or 1, C)
+        out = dict(cls=logits[:, 0], patch=logits[:, 1:], pix=self.pixel_head(tokens[:, 1:]),   # (V*B, N, P)
+                   kp=self.pka_head(tokens[:, 0]))                            # (V*B, K, 2)
         if local_views is not None:   # locals: unmasked, [CLS] only (iBOT multi-crop)
             cls_local = self.backbone(local_views)[:, 0]                       # (L*B, D)
-            if 'cls' in want:
-                out['cls_local'] = self.head(cls_local)
-            if 'kp' in want:
-                out['kp_local'] = self.pka_head(cls_local)
+            out.update(cls_local=self.head(cls_local), kp_local=self.pka_head(cls_local))
         return out
 
 
 def build_models(cfg):
     """-> (student, teacher, centres). The teacher holds copies of the student's backbone and head."""
-    import model as M
-    factories = dict(vit_tiny=M.vit_tiny, vit_small=M.vit_small, vit_base=M.vit_base, vit_large=M.vit_large)
-    vit = factories[cfg.arch](img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
-                              drop_path=cfg.drop_path)
+    vit = getattr(M, cfg.arch)(img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
+                               drop_path=cfg.drop_path)
     student = Student(vit, cfg.out_dim, cfg.head_hidden)
     teacher = make_teacher(nn.ModuleDict(dict(backbone=student.backbone, head=student.head)))
     centres = nn.ModuleDict(dict(cls=Centre(cfg.out_dim), patch=Centre(cfg.out_dim)))
@@ -656,41 +577,38 @@ def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
     g_views = torch.cat(batch['views'][:2])                                    # (2B, 3, S, S)
     masks = torch.cat(batch['masks'])                                          # (2B, N)
     locals_ = torch.cat(batch['views'][2:]) if n_local else None               # (L*B, 3, s, s)
-    per_view = lambda x, n: list(x.float().chunk(n))                           # (n*B, ...) -> n x (B, ...)
-    want = tuple(k for k, w in (('cls', cfg.w_cls), ('patch', cfg.w_mim), ('pix', cfg.w_pix), ('kp', cfg.w_pka)) if w)
-    # Without a patch loss the student sees unmasked views (DINO + PKA).
-    use_mask = cfg.w_mim > 0 or cfg.w_pix > 0
 
     # Teacher: unmasked global views, no gradients (iBOT).
     with torch.no_grad():
         t_tokens, t_attn = teacher['backbone'](g_views, return_attn=True)      # (2B, 1+N, D), (2B, H, N)
         t_logits = teacher['head'](t_tokens if cfg.w_mim else t_tokens[:, :1]).float()   # (2B, 1+N or 1, C)
-    s = student(g_views, masks if use_mask else None, locals_, want)
+    # Without a patch-level loss the student sees unmasked views (DINO + PKA).
+    s = student(g_views, masks if cfg.w_mim or cfg.w_pix else None, locals_, patch_logits=cfg.w_mim > 0)
 
-    parts, stats = {}, {}
-    t_cls = t_logits[:, 0].chunk(2)                                            # 2 x (B, C)
-    t_cls_probs = [centres['cls'].probs(t, teacher_temp) for t in t_cls]
+    def per_view(key):   # (V*B, ...) -> V x (B, ...): the global views, then the locals ([CLS] and kp only)
+        local = list(s[key + '_local'].float().chunk(n_local)) if n_local else []
+        return list(s[key].float().chunk(2)) + local
+
+    parts = {}
+    t_cls_probs = [centres['cls'].probs(t, teacher_temp) for t in t_logits[:, 0].chunk(2)]   # 2 x (B, C)
     if cfg.w_cls:
-        s_cls = per_view(s['cls'], 2) + (per_view(s['cls_local'], n_local) if n_local else [])
-        parts['cls'] = cls_loss(s_cls, t_cls_probs, cfg.student_temp)
+        parts['cls'] = cls_loss(per_view('cls'), t_cls_probs, cfg.student_temp)
     if cfg.w_mim:
         t_patch = [centres['patch'].probs(t, teacher_temp) for t in t_logits[:, 1:].chunk(2)]   # 2 x (B, N, C)
-        parts['mim'] = mim_loss(per_view(s['patch'], 2), t_patch, list(masks.chunk(2)), cfg.student_temp)
+        parts['mim'] = mim_loss(list(s['patch'].chunk(2)), t_patch, list(masks.chunk(2)), cfg.student_temp)
     if cfg.w_pix:
         parts['pix'] = pixel_loss(s['pix'], g_views, masks, cfg.patch_size)
     t_kp = attention_keypoints(t_attn, grid).chunk(2)                          # 2 x (B, K, 2)
     if cfg.w_pka:
-        s_kp = per_view(s['kp'], 2) + (per_view(s['kp_local'], n_local) if n_local else [])
         sizes = [v.shape[-1] for v in batch['views']]
-        parts['pka'] = pka_loss(s_kp, t_kp, batch['affines'], sizes, n_teacher=2)
+        parts['pka'] = pka_loss(per_view('kp'), t_kp, batch['affines'], sizes, n_teacher=2)
     total = sum(getattr(cfg, 'w_' + k) * v for k, v in parts.items())
 
     # Diagnostics of collapse: entropy of the centred teacher distribution (0 = one-hot collapse,
     # log C = uniform collapse) and the spread of the pseudo keypoints across images.
-    with torch.no_grad():
-        p = torch.cat(t_cls_probs)                                             # (2B, C)
-        stats['t_entropy'] = float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean())
-        stats['kp_spread'] = float(t_kp[0].std(0).mean()) if t_kp[0].shape[0] > 1 else 0.0
+    p = torch.cat(t_cls_probs).detach()                                        # (2B, C)
+    stats = dict(t_entropy=float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean()),
+                 kp_spread=float(t_kp[0].std(0).mean()) if len(t_kp[0]) > 1 else 0.0)
     return total, parts, stats, t_logits
 
 
@@ -703,18 +621,13 @@ def clip_gradients(params, max_norm):
     torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
 
 
-# =============================================================================================
-# Training
-# =============================================================================================
-
-
+# -------- Training
 class _StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, cluster pre-emption): finish the current step, save,
-    exit. A second Ctrl-C aborts at once. Stopping between steps keeps a resumed run exact."""
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, pre-emption): finish the step, save, exit (a second Ctrl-C
+    aborts at once). Stopping between steps keeps a resumed run exact."""
 
     def __enter__(self):
-        import signal
-        self.requested, self._signal, self._pid = False, signal, os.getpid()
+        self.requested, self._pid = False, os.getpid()
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -727,58 +640,39 @@ class _StopOnSignal:
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
-            self._signal.signal(s, handler)
-
-
-def _truncate_log(path, last_step):
-    """Drop the log lines after `last_step` (all of them for a fresh run), so that the log of a
-    resumed run reads like one uninterrupted run."""
-    if os.path.exists(path):
-        keep = [line for line in open(path) if json.loads(line)['step'] <= last_step]
-        with open(path, 'w') as f:
-            f.writelines(keep)
-
-
-def _any_rank(flag, device):
-    """True if `flag` is True on any rank (so every rank stops at the same step)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+            signal.signal(s, handler)
 
 
 def train(cfg):
     """Run HandMIM pretraining; returns the process exit code (0 done, 130 stopped by Ctrl-C/SIGTERM)."""
-    from tqdm import tqdm
-    from data import ImageFolder, PretrainAugment
     rank, world, device = setup_distributed(cfg.device)
     cfg, note = resolve_preset(cfg, has_gpu=device.type == 'cuda')
     print0(note)
     torch.manual_seed(cfg.seed)
-    is_main = rank == 0
+    is_main, global_batch = rank == 0, cfg.batch_size * world
+    out = lambda name: os.path.join(cfg.output_dir, name)
     if is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, 'config.json'), 'w') as f:
+        with open(out('config.json'), 'w') as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
         print0(json.dumps(dataclasses.asdict(cfg)))
 
     # ---- data: views + affines (data.PretrainAugment), block masks, per-(epoch, index) seeding
-    images = ImageFolder(pretraining_images(cfg.data), transform=PretrainAugment(cfg.img_size, n_local=cfg.n_local,
-                                                              local_size=cfg.local_size))
+    augment = PretrainAugment(cfg.img_size, n_local=cfg.n_local, local_size=cfg.local_size)
     grid = (cfg.img_size // cfg.patch_size,) * 2
-    dataset = MaskedViews(images, grid, cfg.mask_ratio, cfg.mask_ratio_var, cfg.seed)
-    steps_per_epoch = len(dataset) // (world * cfg.batch_size)
+    dataset = MaskedViews(ImageFolder(pretraining_images(cfg.data), transform=augment), grid, cfg.mask_ratio,
+                          cfg.mask_ratio_var, cfg.seed)
+    steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data} has {len(dataset)} usable images, fewer than one global batch "
                          f"({world} x {cfg.batch_size}); lower --batch_size or add images")
     total_steps = cfg.epochs * steps_per_epoch
 
     # ---- student, EMA teacher, centres, optimizer (iBOT: AdamW, lr = blr * global batch / 256)
-    student, teacher, centres = build_models(cfg)
-    student, teacher, centres = student.to(device), teacher.to(device), centres.to(device)
+    student, teacher, centres = (m.to(device) for m in build_models(cfg))
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay))
     scaler = make_scaler(cfg.amp, device)
+    stateful = dict(model=student, teacher=teacher, centres=centres, optimizer=optimizer, scaler=scaler)
     guard = NonFiniteGuard(cfg.max_non_finite)
     epoch, step_in_epoch, step = 0, 0, 0
     if cfg.resume:
@@ -786,42 +680,30 @@ def train(cfg):
         if not isinstance(state.get('config'), dict) or 'teacher' not in state:
             raise ValueError(f"--resume {cfg.resume}: not a pretrain.py checkpoint (no 'config'/'teacher')")
         check_same_architecture(state['config'], cfg)
-        student.load_state_dict(state['model'])
-        teacher.load_state_dict(state['teacher'])
-        centres.load_state_dict(state['centres'])
-        optimizer.load_state_dict(state['optimizer'])
-        scaler.load_state_dict(state['scaler'])
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
         epoch, step_in_epoch, step = state['epoch'], state['step_in_epoch'], state['step']
-        if state.get('global_batch') != cfg.batch_size * world and step_in_epoch:
+        if state.get('global_batch') != global_batch and step_in_epoch:
             print0("the global batch differs from the checkpoint's: the interrupted epoch restarts")
             step_in_epoch = 0
         guard.n_skipped = state.get('non_finite_steps', 0)
         print0(f"resumed from {cfg.resume}: epoch {epoch}, step {step}")
-    lr_peak = cfg.blr * cfg.batch_size * world / 256
+    lr_peak = cfg.blr * global_batch / 256
     last_layer = [p for n, p in student.named_parameters() if 'last_layer' in n]
 
-    model = student
+    model, teacher_fwd = student, teacher
     if world > 1:   # heads a loss weight switches off get no gradient: DDP must be told
-        unused = min(cfg.w_cls, cfg.w_mim, cfg.w_pix, cfg.w_pka) == 0
-        model = nn.parallel.DistributedDataParallel(student, find_unused_parameters=unused)
-    teacher_fwd = teacher
+        model = nn.parallel.DistributedDataParallel(
+            student, find_unused_parameters=min(cfg.w_cls, cfg.w_mim, cfg.w_pix, cfg.w_pka) == 0)
     if cfg.compile:   # the raw modules keep the weights: checkpoints and the EMA use them
         model = torch.compile(model)
         teacher_fwd = {k: torch.compile(m) for k, m in teacher.items()}
 
-    def checkpoint(epoch, step_in_epoch):
-        if is_main:
-            save_checkpoint(dict(model=student.state_dict(), teacher=teacher.state_dict(),
-                                 centres=centres.state_dict(), optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch,
-                                 step=step, global_batch=cfg.batch_size * world,
-                                 non_finite_steps=guard.n_skipped, config=dataclasses.asdict(cfg)),
-                            os.path.join(cfg.output_dir, 'checkpoint.pth'))
-
-    log_path = os.path.join(cfg.output_dir, 'log.jsonl')
-    if is_main:
-        _truncate_log(log_path, step)
-    stop, n_timed, t_timed = None, 0, 0.0   # throughput over all steps but the first of each epoch
+    if is_main and os.path.exists(out('log.jsonl')):   # drop lines after `step`: a resumed log reads as one run
+        lines = [line for line in open(out('log.jsonl')) if json.loads(line)['step'] <= step]
+        with open(out('log.jsonl'), 'w') as f:
+            f.writelines(lines)
+    stop, timed = None, [0, 0.0]   # images and seconds over all steps but the first of each epoch
     with _StopOnSignal() as signal_stop:
         while epoch < cfg.epochs and stop is None:
             keys = epoch_keys(len(dataset), epoch, cfg.seed, rank, world, cfg.batch_size)
@@ -844,13 +726,12 @@ def train(cfg):
                 # Drop path draws from the global RNG: seed it per step so a resumed run replays it.
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
 
-                # ---- forward, losses in float32
-                with autocast(device, cfg.amp):
+                with autocast(device, cfg.amp):   # the losses themselves are computed in float32
                     loss, parts, stats, t_logits = handmim_losses(model, teacher_fwd, centres, batch, cfg,
                                                                   t_temp, grid)
                 if guard(loss, step):
                     scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
+                    scaler.unscale_(optimizer)   # clip the true gradients, not the fp16-scaled ones
                     if cfg.clip_grad:
                         clip_gradients(student.parameters(), cfg.clip_grad)
                     if epoch < cfg.freeze_last_layer:   # DINO: a frozen last layer early avoids collapse
@@ -858,7 +739,7 @@ def train(cfg):
                             p.grad = None
                     scaler.step(optimizer)
                     scaler.update()
-                    ema_update(teacher, student, momentum)   # teacher <- EMA of the student
+                    ema_update(teacher, student, momentum)
                     centres['cls'].update(t_logits[:, 0])
                     if cfg.w_mim:
                         centres['patch'].update(t_logits[:, 1:])
@@ -867,15 +748,15 @@ def train(cfg):
 
                 # ---- logging
                 toc = time.perf_counter()
-                img_s, tic = cfg.batch_size * world / (toc - tic), toc
-                if step_in_epoch > 1:
-                    n_timed, t_timed = n_timed + cfg.batch_size * world, t_timed + cfg.batch_size * world / img_s
+                img_s, dt, tic = global_batch / (toc - tic), toc - tic, toc
+                if step_in_epoch > 1:   # the first step of an epoch also waits for the loader to start
+                    timed = [timed[0] + global_batch, timed[1] + dt]
                 record = dict(step=step, epoch=epoch, loss=loss.item(), **{k: v.item() for k, v in parts.items()},
                               lr=lr, wd=wd, momentum=momentum, teacher_temp=t_temp, **stats, img_s=img_s)
                 bar.set_postfix_str(' '.join(f'{k} {record[k]:.3f}' for k in ('loss', *parts)) +
                                     f' lr {lr:.2e} {img_s:.1f} img/s')
                 if is_main and (step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch):
-                    log_jsonl(log_path, record)
+                    log_jsonl(out('log.jsonl'), record)
                 if _any_rank(signal_stop.requested, device):
                     stop = 130
                 elif cfg.max_steps and step >= cfg.max_steps:
@@ -885,16 +766,17 @@ def train(cfg):
             bar.close()
             if step_in_epoch == steps_per_epoch:
                 epoch, step_in_epoch = epoch + 1, 0
-            checkpoint(epoch, step_in_epoch)   # every epoch, and where a stop happened
+            if is_main:   # every epoch, and where a stop happened
+                save_checkpoint({k: v.state_dict() for k, v in stateful.items()} | dict(
+                    epoch=epoch, step_in_epoch=step_in_epoch, step=step, global_batch=global_batch,
+                    non_finite_steps=guard.n_skipped, config=dataclasses.asdict(cfg)), out('checkpoint.pth'))
 
-    if is_main:
-        path = os.path.join(cfg.output_dir, 'checkpoint.pth')
-        if stop == 130:
-            print0(f"stopped at step {step}: checkpoint saved, continue with --resume {path}")
-        else:   # the teacher's ViT under the standard MAE/DINO/timm key names, for finetune.py
-            save_checkpoint(teacher['backbone'].state_dict(), os.path.join(cfg.output_dir, 'backbone.pth'))
-            print0(f"done: {step} steps ({n_timed / max(t_timed, 1e-9):.1f} img/s), {guard.n_skipped} "
-                   f"skipped (non-finite); teacher backbone saved to {os.path.join(cfg.output_dir, 'backbone.pth')}")
+    if is_main and stop == 130:
+        print0(f"stopped at step {step}: checkpoint saved, continue with --resume {out('checkpoint.pth')}")
+    elif is_main:   # the teacher's ViT under the standard MAE/DINO/timm key names, for finetune.py
+        save_checkpoint(teacher['backbone'].state_dict(), out('backbone.pth'))
+        print0(f"done: {step} steps ({timed[0] / max(timed[1], 1e-9):.1f} img/s), {guard.n_skipped} skipped "
+               f"(non-finite); teacher backbone saved to {out('backbone.pth')}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -905,12 +787,9 @@ def main(argv=None):
     cfg = config_from_cli(PretrainConfig, argv)
     try:
         return train(cfg)
-    except (ValueError, FileNotFoundError) as e:   # bad input: a clear message, no traceback
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:   # a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, NonFiniteLossError) else 2   # 2: bad input
 
 
 if __name__ == '__main__':

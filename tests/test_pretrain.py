@@ -561,6 +561,12 @@ def test_overfits_one_batch():
     assert last['cls'] - last['t_entropy'] < 0.5 * (first['cls'] - first['t_entropy'])
 
 
+def test_default_local_size_is_whole_patches_and_at_least_one():
+    resolve = lambda **kw: P.resolve_preset(P.PretrainConfig(**kw), False)[0].local_size
+    assert resolve(img_size=224) == 96 and resolve(img_size=128) == 48
+    assert resolve(img_size=32, patch_size=16) == 16    # 3/7 of 32 px is less than one patch: was 0
+
+
 def test_freihand_layout_pretrains_on_training_images_only(tmp_path):
     (tmp_path / 'training' / 'rgb').mkdir(parents=True)
     (tmp_path / 'evaluation' / 'rgb').mkdir(parents=True)
