@@ -9,7 +9,9 @@ understates what one free core does.
 Measured 2026-11-24, torch 2.13 CPU, a 2-core machine shared with other jobs (load average ~7, so
 wall-clock numbers are ~2.5x pessimistic): synth 224 px 55.8 img/s per core (23 wall); decode + two
 224 px views 174 img/s per core in the main process; DataLoader with 2 workers 116 img/s per core
-including worker start-up and batch transfer (70 wall).
+including worker start-up and batch transfer (70 wall). Re-measured after the data.py review (same day, same
+noisy machine, --n 80 --batch 16 --batches 4): synth 67 img/s per core; decode + two views 180 img/s per core;
+DataLoader with 2 workers 124 img/s per core (122 wall).
 """
 import argparse
 import os

@@ -507,6 +507,28 @@ def test_synth_is_deterministic_and_cli(tmp_path, capsys):
     assert e.value.code == 2 and 'layout' in capsys.readouterr().err
 
 
+def test_synth_samples_do_not_depend_on_batching(layer):
+    """Sample i draws only from its own generator: batches of 1 or 64 give the same hands and cameras."""
+    prior = data.pose_prior(data.load_mano('synthetic'))
+    with torch.no_grad():
+        one, all_ = (list(data._scenes(layer, prior, 5, 3, 0, (224, 224), data.FOCAL_RANGE, 224, batch=b))
+                     for b in (1, 64))
+    for a, b in zip(one, all_):
+        assert a[0] == b[0] and all(np.allclose(x, y, atol=1e-6) for x, y in zip(a[2:], b[2:]))
+    assert not np.allclose(one[0][5], one[1][5])
+
+
+def test_ho3d_synth_without_evaluation_split_and_pickled_datasets(tmp_path, freihand_set):
+    # n_eval=0 used to crash inside the MANO layer (a batch of zero hands)
+    root = data.synth(str(tmp_path / 'h'), 1, layout='ho3d', n_eval=0)
+    ds = data.HO3D(root, 'train', img_size=64)
+    assert len(ds) == 1 and _load(root, 'evaluation_xyz.json').size == 0
+    # DataLoader workers started with 'spawn' receive the dataset pickled: no lambdas in its state
+    for ds in (ds, data.FreiHAND(freihand_set, 'training')):
+        copy = pickle.loads(pickle.dumps(ds))
+        assert torch.equal(copy[0]['image'], ds[0]['image']) and torch.equal(copy[0]['K'], ds[0]['K'])
+
+
 def test_malformed_annotations_name_the_file(freihand_set, ho3d_set, tmp_path):
     import shutil
     root = tmp_path / 'fh'
