@@ -25,7 +25,8 @@ this file works in the internal convention (FreiHAND order, OpenCV) and converts
 
 Run:
     python evaluate.py --score out/pred.json --gt FreiHAND_pub_v2     # or pred.zip; --layout ho3d
-    python evaluate.py --images DIR --checkpoint CKPT --out DIR        # demo (see the DEMO section)
+    python evaluate.py --images DIR --checkpoint CKPT --out DIR [--left] [--focal 2.34]
+        demo (see the DEMO section): per hand crop an overlay PNG, an OBJ mesh and the MANO fit (.npz)
 In Python: `score(pred_xyz, pred_verts, gt_xyz, gt_verts)` -> dict in metres; `write_submission(...)`.
 
 Shapes: B samples, J = 21 joints (internal FreiHAND order unless a name says HO3D), V vertices,
@@ -35,6 +36,7 @@ import json
 import os
 import sys
 import zipfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND
+from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND, matrix_to_axis_angle
 from pretrain import config_from_cli
 
 F_THRESHOLDS = (0.005, 0.015)     # metres: the official `f_threshs`
@@ -386,13 +388,218 @@ def format_table(m):
 
 
 # ----------------------------------------------------------------------------------------------------
-# DEMO (issue 6 item 4, not built yet)
-# `python evaluate.py --images DIR --checkpoint CKPT --out DIR [--left]` goes here: load the model with
-# finetune.load_finetuned, predict each crop (mirrored with --left and mirrored back), and write per image
-# an overlay PNG (data.render_mesh, shaded, with the 21 joints), an OBJ and the MANO parameters (.npz).
+# DEMO: a fine-tuned network on a folder of hand crops -> overlay PNG, OBJ mesh, MANO parameters (.npz)
+#
+# Each image is taken to be a hand crop (as FreiHAND's are): its centred square of side L = min(width,
+# height) is resized to the network's input side S. Pixel centres sit at integer coordinates (as in
+# data.py), so that crop maps image pixel u to u' = (u - x0 + 1/2) S / L - 1/2, an affine map A. A single
+# image has no calibration, so the crop's pinhole camera is ASSUMED: focal f = focal x S (--focal, in
+# units of the crop side; 2.34 = 525 px on a 224 px crop, the middle of FreiHAND's range as data.py's
+# synthetic sets use it), principal point at the crop centre (S - 1)/2. The same camera in the pixels of
+# the input image is A^-1 K. `finetune.camera_translation` turns the regressor's weak-perspective camera
+# into the translation that puts the mesh in that camera's frame; its depth is only as right as the
+# focal length is (a wrong focal scales the depth, the 2D overlay stays where the network put it).
+#
+# Left hands (--left): the network knows right hands only. The crop is mirrored (u' -> S - 1 - u', which
+# with the principal point at the centre is x -> -x in the camera frame), the right hand predicted, and
+# its mesh mirrored back: x of vertices and joints negated, the faces' winding reversed (a mirror turns
+# an outward counter-clockwise surface inside out). The MANO parameters stored are those of the RIGHT
+# hand seen in the MIRRORED crop; MANO_right(pose, betas) + transl, with x negated, is the left hand.
+# (For the official MANO_LEFT model, which is close to the mirror image of the right one, the usual
+# conversion is pose.reshape(16, 3) * (1, -1, -1) per joint, i.e. M R M with M = diag(-1, 1, 1), and
+# transl * (-1, 1, 1); we store the right-hand values, which are exact for the model we ran.)
+
+# The joint colours of FreiHAND's `plot_hand` (utils/fh_utils.py): wrist grey, then each finger base to
+# tip in four shades, channel-reversed as plot_hand does, which makes the thumb blue, index cyan, middle
+# green, ring orange and pinky magenta. A bone takes the colour of its child joint.
+FREIHAND_COLORS = np.array([
+    [0.4, 0.4, 0.4],
+    [0.4, 0.0, 0.0], [0.6, 0.0, 0.0], [0.8, 0.0, 0.0], [1.0, 0.0, 0.0],
+    [0.4, 0.4, 0.0], [0.6, 0.6, 0.0], [0.8, 0.8, 0.0], [1.0, 1.0, 0.0],
+    [0.0, 0.4, 0.2], [0.0, 0.6, 0.3], [0.0, 0.8, 0.4], [0.0, 1.0, 0.5],
+    [0.0, 0.2, 0.4], [0.0, 0.3, 0.6], [0.0, 0.4, 0.8], [0.0, 0.5, 1.0],
+    [0.4, 0.0, 0.4], [0.6, 0.0, 0.6], [0.7, 0.0, 0.8], [1.0, 0.0, 1.0]])[:, ::-1]  # (21, 3) RGB
+HAND_BONES = [(0 if k % 4 == 1 else k - 1, k) for k in range(1, 21)]  # wrist -> base -> ... -> tip
+DEMO_KEYS = ('pose', 'betas', 'cam', 'transl', 'joints', 'vertices', 'K', 'K_crop', 'K_image', 'left')
+
+
+def centre_square(width, height):
+    """PIL box (x0, y0, x1, y1) of an image's centred square, in pixel-edge coordinates."""
+    side = min(width, height)
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def crop_affine(box, size):
+    """(3, 3) map from image pixels to the pixels of the square PIL `box` resized to `size` x `size`."""
+    x0, y0, x1, _ = box
+    k = size / (x1 - x0)
+    return np.array([[k, 0, (0.5 - x0) * k - 0.5], [0, k, (0.5 - y0) * k - 0.5], [0, 0, 1.0]])
+
+
+def crop_intrinsics(focal, size):
+    """(3, 3) pinhole intrinsics of a `size` px crop: focal `focal * size` px, principal point at its centre."""
+    f, c = focal * size, (size - 1) / 2
+    return np.array([[f, 0, c], [0, f, c], [0, 0, 1.0]])
+
+
+def mirror_x(points):
+    """Mirror (..., 3) camera-frame points in the x = 0 plane (a horizontally flipped crop)."""
+    return points * np.array([-1.0, 1.0, 1.0], dtype=points.dtype)
+
+
+def draw_skeleton(image, uv, radius=3.0, width=2):
+    """(H, W, 3) uint8 with the 21 joints (FreiHAND order, pixels (21, 2)) as FreiHAND-coloured bones
+    and dots, as FreiHAND's plot_hand draws them."""
+    from PIL import Image, ImageDraw
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    rgb = [tuple(int(round(255 * c)) for c in col) for col in FREIHAND_COLORS]
+    for a, b in HAND_BONES:
+        draw.line([tuple(uv[a]), tuple(uv[b])], fill=rgb[b], width=width)
+    for (u, v), col in zip(uv, rgb):
+        draw.ellipse([u - radius, v - radius, u + radius, v + radius], fill=col, outline=(255, 255, 255))
+    return np.asarray(pil)
+
+
+def obj_text(verts, faces):
+    """Wavefront OBJ of a triangle mesh: `v x y z` lines (metres), then `f a b c` with 1-based indices."""
+    lines = [f'v {x:.6f} {y:.6f} {z:.6f}' for x, y, z in verts]
+    lines += [f'f {a + 1} {b + 1} {c + 1}' for a, b, c in faces]
+    return '\n'.join(lines) + '\n'
+
+
+def _write_bytes_atomic(path, data):
+    """`data` (bytes) to `path` through a temporary file and os.replace (no half-written file, ever)."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _output_names(paths, root):
+    """Output path stem per image: its path under `root` without the extension; images that would
+    share one (hand.jpg, hand.png) keep their extension in the name (hand_jpg, hand_png)."""
+    stems = [os.path.splitext(os.path.relpath(p, root))[0] for p in paths]
+    clash = {s for s, n in Counter(stems).items() if n > 1}
+    return [s + '_' + os.path.splitext(p)[1][1:].lower() if s in clash else s for s, p in zip(stems, paths)]
+
+
+@torch.no_grad()
+def predict_hand(model, crop, focal, left=False, device='cpu'):
+    """MANO fit of one square RGB crop (PIL, the network's input side S) -> dict of numpy arrays:
+    pose (48,) absolute axis-angle, betas (10,), cam (3,) = (s, tx, ty), transl (3,), and joints (21, 3),
+    vertices (V, 3) in the crop's camera frame (metres), K_crop (3, 3). With `left` the crop is mirrored
+    first; pose/betas/cam/transl describe that mirrored right hand, joints/vertices the left hand."""
+    from PIL import Image
+    from data import normalize, to_tensor
+    from finetune import camera_translation
+    S = crop.size[0]
+    if left:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    out = model(normalize(to_tensor(crop))[None].to(device))[-1]  # the last regressor iteration
+    K = torch.as_tensor(crop_intrinsics(focal, S), dtype=torch.float32, device=device)
+    transl = camera_translation(out['cam'].float(), K[None], S)[0]  # (3,)
+    joints, verts = out['joints'][0] + transl, out['vertices'][0] + transl  # (21, 3), (V, 3)
+    res = dict(pose=matrix_to_axis_angle(out['rotmat'][0]).reshape(48), betas=out['betas'][0], cam=out['cam'][0],
+               transl=transl, joints=joints, vertices=verts, K_crop=K)
+    res = {k: v.float().cpu().numpy() for k, v in res.items()}
+    if left:
+        res['joints'], res['vertices'] = mirror_x(res['joints']), mirror_x(res['vertices'])
+    return res
+
+
+def overlay(image, box, res, faces, S, size):
+    """(size, size, 3) uint8: the crop `box` of `image` (PIL) with the mesh of `res` (predicted on that crop
+    resized to S) rendered over it by data.py's shaded z-buffer renderer, and the 21 joints drawn.
+    Returns it and its intrinsics K (3, 3): the network crop's camera moved to this resolution."""
+    from PIL import Image
+    from data import project, render_mesh
+    K = crop_affine(box, size) @ np.linalg.inv(crop_affine(box, S)) @ res['K_crop']  # S px -> size px
+    background = np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
+    rendered = render_mesh(res['vertices'], faces, K, image=background)
+    uv = project(res['joints'].astype(np.float64), K)  # (21, 2) pixels
+    return draw_skeleton(rendered, uv, radius=max(2.0, size / 100), width=max(1, round(size / 160))), K
+
+
+def save_hand(stem, png, res, faces):
+    """Write stem.png (the overlay), stem.obj (the mesh) and stem.npz, each atomically. The npz holds
+    pose (48,) absolute axis-angle, betas (10,), cam (3,) = (s, tx, ty) on the network crop's [-1, 1]
+    coordinates, transl (3,): MANO(pose, betas) + transl is the right hand in that crop's camera frame
+    (metres; for a left hand: of the MIRRORED crop); joints (21, 3) (FreiHAND order) and vertices (V, 3)
+    of the hand as it appears in the image (left hands mirrored back); the intrinsics of that camera in
+    the overlay PNG's pixels (K), the network crop's (K_crop) and the input image's (K_image); left."""
+    import io
+    from PIL import Image
+    os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(png).save(buf, format='PNG')
+    _write_bytes_atomic(stem + '.png', buf.getvalue())
+    # A mirrored mesh is inside out: reversing each face's winding makes its normals point outward again.
+    _write_atomic(stem + '.obj', obj_text(res['vertices'], faces[:, ::-1] if res['left'] else faces))
+    buf = io.BytesIO()
+    np.savez(buf, **{k: res[k] for k in DEMO_KEYS})
+    _write_bytes_atomic(stem + '.npz', buf.getvalue())
+
+
+def _demo_device(name):
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda was asked for but torch sees no GPU; use --device cpu')
+    return torch.device('cuda' if name == 'cuda' or (name == 'auto' and torch.cuda.is_available()) else 'cpu')
+
 
 def run_demo(cfg):
-    raise NotImplementedError('the demo (--images/--checkpoint/--out) is not built yet')
+    """Predict every image under cfg.images and write <name>.png (overlay), <name>.obj, <name>.npz into
+    cfg.out (same sub-folders). Checks the checkpoint and the folder before writing anything; files that
+    do not decode are skipped with a warning and counted. Returns dict(written=..., skipped=...)."""
+    from PIL import Image
+    from tqdm import tqdm
+    from data import _show, find_images, load_rgb
+    from finetune import load_finetuned  # here, not at the top: scoring needs none of the training code
+    if not cfg.checkpoint or not cfg.out:
+        raise ValueError('the demo needs --images DIR --checkpoint CKPT --out DIR')
+    if cfg.focal <= 0 or cfg.overlay_size < 16:
+        raise ValueError(f'--focal must be > 0 and --overlay_size >= 16, got {cfg.focal} and {cfg.overlay_size}')
+    # Outputs inside the image folder (--out DIR/demo) must not become inputs of the next run.
+    out_dir = os.path.realpath(cfg.out)
+    paths = [p for p in find_images(cfg.images) if os.path.commonpath([os.path.realpath(p), out_dir]) != out_dir]
+    if not paths:
+        raise ValueError(f'no images under {cfg.images} outside the output folder {cfg.out}')
+    device = _demo_device(cfg.device)
+    try:
+        model, net_cfg = load_finetuned(cfg.checkpoint, device, mano=cfg.mano or None)
+    except (KeyError, TypeError, AttributeError) as e:  # a dict that only looks like ours
+        raise ValueError(f'{cfg.checkpoint} is not a usable finetune.py checkpoint ({type(e).__name__}: {e})') from None
+    S, faces = model.vit.img_size, model.mano.faces.cpu().numpy()
+    os.makedirs(cfg.out, exist_ok=True)  # only now: a bad checkpoint or folder leaves nothing behind
+    _write_atomic(os.path.join(cfg.out, 'demo_config.json'), json.dumps(dict(asdict(cfg), network=net_cfg), indent=1))
+    written, skipped, degenerate = 0, 0, 0
+    for path, name in zip(tqdm(paths, desc='demo', unit='img'), _output_names(paths, cfg.images)):
+        image = load_rgb(path)
+        if image is None:
+            skipped += 1
+            tqdm.write(f'skipping {_show(path)}: not a decodable image', file=sys.stderr)
+            continue
+        box = centre_square(*image.size)
+        crop = image.resize((S, S), Image.BILINEAR, box=box)  # PIL filters by the scale: no aliasing
+        res = predict_hand(model, crop, cfg.focal, cfg.left, device)
+        degenerate += int(res['cam'][0] <= 0)
+        png, res['K'] = overlay(image, box, res, faces, S, cfg.overlay_size)
+        res['K_image'] = np.linalg.inv(crop_affine(box, S)) @ res['K_crop']
+        res['left'] = np.array(cfg.left)
+        save_hand(os.path.join(cfg.out, name), png, res, faces)
+        written += 1
+    print(f'demo: {written} hands written to {cfg.out}' + (f', {skipped} undecodable files skipped' if skipped else ''))
+    if degenerate:  # camera_translation clamps s, so such a mesh sits far away: a dot, not a hand
+        print(f'warning: {degenerate} of {written} hands have a non-positive weak-perspective scale s; the '
+              f'network has not learned the camera (train longer, or raise finetune.py --w_j2d)', file=sys.stderr)
+    if not written:
+        raise ValueError(f'none of the {len(paths)} image files under {cfg.images} could be decoded')
+    return dict(written=written, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -410,7 +617,16 @@ class EvalConfig:
     images: str = field(default='', metadata={'help': 'demo: folder of hand crops'})
     checkpoint: str = field(default='', metadata={'help': 'demo: fine-tuned checkpoint (finetune.py best.pth)'})
     out: str = field(default='', metadata={'help': 'demo: output folder'})
-    left: bool = field(default=False, metadata={'help': 'demo: the images show left hands (mirrored)'})
+    left: bool = field(default=False, metadata={'help': 'demo: the images show left hands (mirrored for the '
+                                                        'network, the mesh mirrored back)'})
+    focal: float = field(default=2.34, metadata={'help': 'demo: assumed focal length in units of the crop side '
+                                                         '(f px / crop px; FreiHAND ~ 525 / 224); for a known '
+                                                         'camera: its focal in px / min(width, height)'})
+    overlay_size: int = field(default=384, metadata={'help': 'demo: side of the overlay PNGs in px'})
+    mano: str = field(default='', metadata={'help': "demo: MANO model ('synthetic' or MANO_RIGHT.pkl) instead "
+                                                    "of the one the checkpoint was trained with"})
+    device: str = field(default='auto', metadata={'help': 'demo: where the network runs',
+                                                  'choices': ['auto', 'cpu', 'cuda']})
 
 
 def run_score(cfg):

@@ -51,7 +51,7 @@ from data import ImageFolder, PretrainAugment
 
 
 # -------- Shared training utilities (finetune.py imports these)
-def _flag(default, help, **metadata):
+def option(default, help, **metadata):
     """A dataclass field with its --help text (read by config_from_cli)."""
     return field(default=default, metadata=dict(help=help, **metadata))
 
@@ -186,7 +186,7 @@ def log_jsonl(path, record):
         f.write(json.dumps(record, default=float) + '\n')
 
 
-def _any_rank(flag, device):
+def any_rank(flag, device):
     """True if `flag` is True on any rank (so every rank stops at the same step)."""
     if not dist.is_initialized():
         return bool(flag)
@@ -208,7 +208,7 @@ class NonFiniteGuard:
         self.max_consecutive, self.consecutive, self.n_skipped = max_consecutive, 0, 0
 
     def __call__(self, loss, step=None):
-        if not _any_rank(not torch.isfinite(torch.as_tensor(loss)).all(),
+        if not any_rank(not torch.isfinite(torch.as_tensor(loss)).all(),
                          loss.device if torch.is_tensor(loss) else 'cpu'):
             self.consecutive = 0
             return True
@@ -388,51 +388,51 @@ def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
 @dataclass
 class PretrainConfig:
     """HandMIM self-supervised pretraining of a ViT on a folder of unlabeled hand images."""
-    data: str = _flag('./hands', 'folder of hand images, searched recursively')
-    output_dir: str = _flag('./runs/pretrain', 'checkpoint.pth, log.jsonl, config.json and backbone.pth go here')
-    preset: str = _flag('auto', 'tiny (CPU quick start) | base (paper scale) | auto: base with a GPU, else tiny',
+    data: str = option('./hands', 'folder of hand images, searched recursively')
+    output_dir: str = option('./runs/pretrain', 'checkpoint.pth, log.jsonl, config.json and backbone.pth go here')
+    preset: str = option('auto', 'tiny (CPU quick start) | base (paper scale) | auto: base with a GPU, else tiny',
                         choices=['auto', 'tiny', 'base'])
     # Architecture; None = the preset's value.
-    arch: str = _flag(None, 'backbone', choices=['vit_tiny', 'vit_small', 'vit_base', 'vit_large'])
-    depth: int = _flag(None, 'number of ViT blocks (overrides the arch default)')
-    img_size: int = _flag(None, 'global view side in pixels')
-    patch_size: int = _flag(16, 'ViT patch size')
-    out_dim: int = _flag(None, 'projection head output dim C (iBOT: 8192)')
-    head_hidden: int = _flag(None, 'projection head hidden width (iBOT: 2048)')
-    drop_path: float = _flag(0.1, 'student stochastic depth (the teacher has none)')
-    n_local: int = _flag(0, 'small local views per image (student [CLS] and PKA only; iBOT: 10)')
-    local_size: int = _flag(None, 'local view side in pixels (default: 3/7 of img_size, as 96 for 224)')
+    arch: str = option(None, 'backbone', choices=['vit_tiny', 'vit_small', 'vit_base', 'vit_large'])
+    depth: int = option(None, 'number of ViT blocks (overrides the arch default)')
+    img_size: int = option(None, 'global view side in pixels')
+    patch_size: int = option(16, 'ViT patch size')
+    out_dim: int = option(None, 'projection head output dim C (iBOT: 8192)')
+    head_hidden: int = option(None, 'projection head hidden width (iBOT: 2048)')
+    drop_path: float = option(0.1, 'student stochastic depth (the teacher has none)')
+    n_local: int = option(0, 'small local views per image (student [CLS] and PKA only; iBOT: 10)')
+    local_size: int = option(None, 'local view side in pixels (default: 3/7 of img_size, as 96 for 224)')
     # Optimisation: iBOT's recipe.
-    epochs: int = _flag(None, 'training epochs')
-    batch_size: int = _flag(None, 'images per process and step')
-    blr: float = _flag(5e-4, 'base learning rate: lr = blr * global batch / 256')
-    min_lr: float = _flag(1e-6, 'final learning rate of the cosine schedule')
-    warmup_epochs: int = _flag(None, 'linear learning-rate warm-up epochs')
-    weight_decay: float = _flag(0.04, 'weight decay at the start (cosine schedule)')
-    weight_decay_end: float = _flag(0.4, 'weight decay at the end')
-    momentum_teacher: float = _flag(0.996, 'EMA momentum at the start, cosine to 1 (DINO: 0.9995 for batch 256)')
-    clip_grad: float = _flag(3.0, 'per-parameter gradient-norm clip (iBOT); 0 = off')
-    freeze_last_layer: int = _flag(1, "epochs with the projection head's last layer frozen (DINO)")
-    student_temp: float = _flag(0.1, 'student softmax temperature')
-    teacher_temp: float = _flag(0.07, 'teacher temperature after the warm-up (above 0.07 is unstable)')
-    warmup_teacher_temp: float = _flag(0.04, 'teacher temperature at the start')
-    warmup_teacher_temp_epochs: int = _flag(None, 'teacher temperature warm-up epochs')
-    mask_ratio: float = _flag(0.3, 'mean block-mask ratio of the student global views')
-    mask_ratio_var: float = _flag(0.2, 'each ratio is drawn uniformly in mask_ratio +- mask_ratio_var')
-    w_cls: float = _flag(1.0, 'weight of the [CLS] distillation loss (0 = off)')
-    w_pka: float = _flag(1.0, 'weight of the pseudo keypoint alignment loss (0 = off)')
-    w_mim: float = _flag(1.0, 'weight of the patch MIM distillation loss (0 = off)')
-    w_pix: float = _flag(1.0, 'weight of the masked-pixel reconstruction loss (0 = off)')
+    epochs: int = option(None, 'training epochs')
+    batch_size: int = option(None, 'images per process and step')
+    blr: float = option(5e-4, 'base learning rate: lr = blr * global batch / 256')
+    min_lr: float = option(1e-6, 'final learning rate of the cosine schedule')
+    warmup_epochs: int = option(None, 'linear learning-rate warm-up epochs')
+    weight_decay: float = option(0.04, 'weight decay at the start (cosine schedule)')
+    weight_decay_end: float = option(0.4, 'weight decay at the end')
+    momentum_teacher: float = option(0.996, 'EMA momentum at the start, cosine to 1 (DINO: 0.9995 for batch 256)')
+    clip_grad: float = option(3.0, 'per-parameter gradient-norm clip (iBOT); 0 = off')
+    freeze_last_layer: int = option(1, "epochs with the projection head's last layer frozen (DINO)")
+    student_temp: float = option(0.1, 'student softmax temperature')
+    teacher_temp: float = option(0.07, 'teacher temperature after the warm-up (above 0.07 is unstable)')
+    warmup_teacher_temp: float = option(0.04, 'teacher temperature at the start')
+    warmup_teacher_temp_epochs: int = option(None, 'teacher temperature warm-up epochs')
+    mask_ratio: float = option(0.3, 'mean block-mask ratio of the student global views')
+    mask_ratio_var: float = option(0.2, 'each ratio is drawn uniformly in mask_ratio +- mask_ratio_var')
+    w_cls: float = option(1.0, 'weight of the [CLS] distillation loss (0 = off)')
+    w_pka: float = option(1.0, 'weight of the pseudo keypoint alignment loss (0 = off)')
+    w_mim: float = option(1.0, 'weight of the patch MIM distillation loss (0 = off)')
+    w_pix: float = option(1.0, 'weight of the masked-pixel reconstruction loss (0 = off)')
     # Engineering.
-    device: str = _flag('auto', 'auto | cpu | cuda', choices=['auto', 'cpu', 'cuda'])
-    amp: str = _flag('off', 'mixed precision (fp16 uses a GradScaler)', choices=['off', 'bf16', 'fp16'])
-    compile: bool = _flag(False, 'torch.compile the student and the teacher')
-    workers: int = _flag(2, 'data-loading worker processes per rank')
-    seed: int = _flag(0, 'seed of the initialisation, data order, augmentations and masks')
-    log_every: int = _flag(10, 'append a line to log.jsonl every this many steps')
-    max_steps: int = _flag(0, 'stop, save and export after this many steps (schedules unchanged); 0 = all')
-    max_non_finite: int = _flag(10, 'stop after this many non-finite losses in a row')
-    resume: str = _flag('', 'checkpoint.pth to continue from')
+    device: str = option('auto', 'auto | cpu | cuda', choices=['auto', 'cpu', 'cuda'])
+    amp: str = option('off', 'mixed precision (fp16 uses a GradScaler)', choices=['off', 'bf16', 'fp16'])
+    compile: bool = option(False, 'torch.compile the student and the teacher')
+    workers: int = option(2, 'data-loading worker processes per rank')
+    seed: int = option(0, 'seed of the initialisation, data order, augmentations and masks')
+    log_every: int = option(10, 'append a line to log.jsonl every this many steps')
+    max_steps: int = option(0, 'stop, save and export after this many steps (schedules unchanged); 0 = all')
+    max_non_finite: int = option(10, 'stop after this many non-finite losses in a row')
+    resume: str = option('', 'checkpoint.pth to continue from')
 
 
 # The CPU preset is shallower than ViT-Tiny (6 blocks instead of 12) and has a narrower head so
@@ -475,7 +475,7 @@ def check_same_architecture(saved, cfg):
 
 # -------- Data: two global views (+ locals) with their affines, block masks, deterministic per sample
 @contextlib.contextmanager
-def _seeded_rngs(seed):
+def seeded_rngs(seed):
     """Seed Python, NumPy and torch for the block, then restore their states (whatever RNG the
     augmentation uses, sample (epoch, index) always gets the same views, in any worker)."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -505,7 +505,7 @@ class MaskedViews(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         seed = ((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63
-        with _seeded_rngs(seed):
+        with seeded_rngs(seed):
             sample = self.images[index]
         rng = random.Random(seed)
         masks = [block_mask(*self.grid, rng.uniform(*self.ratio_range), rng).flatten() for _ in range(2)]   # 2 x (N,)
@@ -622,7 +622,7 @@ def clip_gradients(params, max_norm):
 
 
 # -------- Training
-class _StopOnSignal:
+class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM (torchrun, pre-emption): finish the step, save, exit (a second Ctrl-C
     aborts at once). Stopping between steps keeps a resumed run exact."""
 
@@ -704,7 +704,7 @@ def train(cfg):
         with open(out('log.jsonl'), 'w') as f:
             f.writelines(lines)
     stop, timed = None, [0, 0.0]   # images and seconds over all steps but the first of each epoch
-    with _StopOnSignal() as signal_stop:
+    with StopOnSignal() as signal_stop:
         while epoch < cfg.epochs and stop is None:
             keys = epoch_keys(len(dataset), epoch, cfg.seed, rank, world, cfg.batch_size)
             loader = torch.utils.data.DataLoader(
@@ -757,7 +757,7 @@ def train(cfg):
                                     f' lr {lr:.2e} {img_s:.1f} img/s')
                 if is_main and (step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch):
                     log_jsonl(out('log.jsonl'), record)
-                if _any_rank(signal_stop.requested, device):
+                if any_rank(signal_stop.requested, device):
                     stop = 130
                 elif cfg.max_steps and step >= cfg.max_steps:
                     stop = 0

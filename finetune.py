@@ -1,0 +1,442 @@
+"""Supervised fine-tuning of ViT + PyMAF mesh regressor on MANO labels (SPEC.md section 7).
+
+The second stage of HandMIM (Liu et al., arXiv 2307.16061): a plain ViT, initialized from HandMIM
+pretraining (or an official MAE / DINO / iBOT / timm checkpoint, or from scratch), carries a PyMAF
+iterative regressor (model.MeshRegressor) that predicts MANO pose, shape and a weak-perspective camera.
+Every regressor iteration is supervised (PyMAF-X, SUPV_LAST False):
+    L = sum over iterations of  w_j3d L1(root-relative 3D joints) + w_v3d L1(root-relative vertices)
+        + w_j2d L1(2D joints, normalized crop coords) + w_rot MSE(16 rotation matrices) + w_beta MSE(betas),
+the last two only on samples with MANO labels. Optimisation as MAE fine-tuning (main_finetune.py):
+AdamW, lr = blr * global batch / 256, layer-wise lr decay, linear warm-up + cosine, drop path.
+A held-out part of the TRAINING set (--val_fraction; never the evaluation split) is scored with
+PA-MPJPE / PA-MPVPE after every epoch. Loss weights are our choice (the paper does not give them).
+
+Run:   python finetune.py --data ./hands_synth --pretrained runs/pretrain/backbone.pth --depth 6  (CPU)
+       python finetune.py --data FreiHAND_pub_v2 --mano mano/MANO_RIGHT.pkl --arch vit_base --img_size 224 \
+           --pretrained mae_pretrain_vit_base.pth --blr 5e-4 --layer_decay 0.65 --device cuda --amp bf16 \
+           --batch_size 64 --epochs 100                                        (MAE ViT-B fine-tuning values)
+       torchrun --nproc_per_node=4 finetune.py ...                          (DDP; gloo on CPU, NCCL on GPU)
+Outputs in --output_dir: config.json, log.jsonl, checkpoint.pth (every epoch and on Ctrl-C; --resume)
+and best.pth (the epoch with the lowest validation PA-MPVPE). evaluate.py rebuilds the network from
+either with `load_finetuned` and predicts camera-frame meshes with `predict`.
+
+Shapes: B batch, J = 21 joints (FreiHAND order), V vertices, S crop side (px).
+"""
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import HO3D, FreiHAND
+from mano import MANO, axis_angle_to_matrix
+from model import MeshRegressor, cam_to_translation, vit_base, vit_large, vit_small, vit_tiny
+from pretrain import (NonFiniteGuard, NonFiniteLossError, any_rank, option, seeded_rngs, StopOnSignal, autocast,
+                      config_from_cli, cosine_schedule, epoch_keys, load_checkpoint, log_jsonl, make_scaler,
+                      param_groups, print0, save_checkpoint, setup_distributed)
+
+ARCHS = dict(vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base, vit_large=vit_large)
+ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter')  # the shapes of the weights
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune ViT + PyMAF regressor on MANO-labelled hands (FreiHAND layout or HO3Dv2)."""
+    data: str = option('./hands_synth', 'dataset root: FreiHAND v2 layout (real, or `data.py synth`) or HO3Dv2')
+    dataset: str = option('freihand', 'layout of --data', choices=['freihand', 'ho3d'])
+    mano: str = option('synthetic', "MANO model: 'synthetic' or the path of MANO_RIGHT.pkl / .npz")
+    output_dir: str = option('./runs/finetune', 'checkpoints, logs and config.json go here')
+    pretrained: str = option('', 'ViT init: our backbone.pth / checkpoint.pth, or an official MAE, DINO, iBOT or '
+                                'timm file; empty = from scratch')
+    key: str = option('teacher', 'network of a pretraining checkpoint.pth to load', choices=['teacher', 'student'])
+    # Architecture
+    arch: str = option('vit_tiny', 'backbone', choices=list(ARCHS))
+    depth: int = option(None, "ViT blocks (default: the arch's); pretrain.py's tiny preset has 6")
+    img_size: int = option(128, 'input crop side in pixels (paper: 224)')
+    patch_size: int = option(16, 'ViT patch size')
+    n_iter: int = option(3, 'PyMAF regressor iterations')
+    drop_path: float = option(0.1, 'ViT stochastic depth rate (MAE fine-tuning: 0.1)')
+    # Optimisation (MAE fine-tuning recipe) and loss weights (ours: the paper gives none)
+    epochs: int = option(30, 'training epochs')
+    batch_size: int = option(32, 'images per process and step')
+    blr: float = option(5e-3, 'base lr; lr = blr * global batch / 256 (MAE ViT-B: 5e-4 at batch 1024; our small '
+                             'CPU model and batches train better higher)')
+    min_lr: float = option(1e-6, 'final lr of the cosine schedule')
+    warmup_epochs: int = option(2, 'linear lr warm-up epochs')
+    layer_decay: float = option(0.75, 'layer-wise lr decay (MAE: 0.75); 1 = off')
+    weight_decay: float = option(0.05, 'AdamW weight decay (none on biases, norms, tokens, pos_embed)')
+    clip_grad: float = option(1.0, 'clip the global gradient norm to this; 0 = off')
+    augment: bool = option(True, 'box scale, camera roll, shift and colour augmentation of training crops')
+    val_fraction: float = option(0.1, 'held-out part of the TRAINING set, scored after every epoch')
+    w_j3d: float = option(1.0, 'weight of the L1 on root-relative 3D joints (metres)')
+    w_v3d: float = option(1.0, 'weight of the L1 on root-relative vertices (metres)')
+    w_j2d: float = option(0.1, 'weight of the L1 on 2D joints ([-1, 1] crop coordinates)')
+    w_rot: float = option(1.0, 'weight of the MSE on the 16 MANO rotation matrices')
+    w_beta: float = option(0.05, 'weight of the MSE on the 10 MANO shape coefficients (keeps the shape '
+                                'plausible: without it the network shrinks hands it cannot orient yet)')
+    # Machinery
+    device: str = option('auto', 'auto | cpu | cuda', choices=['auto', 'cpu', 'cuda'])
+    amp: str = option('off', 'mixed precision', choices=['off', 'bf16', 'fp16'])
+    compile: bool = option(False, 'torch.compile the model')
+    workers: int = option(2, 'data-loading worker processes per rank')
+    seed: int = option(0, 'seed of initialisation, validation split, data order and augmentation')
+    log_every: int = option(10, 'write a log.jsonl line every this many steps')
+    max_steps: int = option(0, 'stop (validate and save) after this many steps, schedules unchanged; 0 = all')
+    max_non_finite: int = option(10, 'stop after this many non-finite losses in a row')
+    resume: str = option('', 'checkpoint.pth to continue from')
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network: building, pretrained initialization, loading a fine-tuned checkpoint (evaluate.py)
+
+def build_model(cfg, mano):
+    """ViT + MeshRegressor from a config dict (the fields of ARCH_FIELDS and drop_path) and a MANO layer."""
+    kw = dict(img_size=cfg['img_size'], patch_size=cfg['patch_size'], drop_path=cfg.get('drop_path', 0.0))
+    if cfg.get('depth') is not None:
+        kw['depth'] = cfg['depth']
+    return MeshRegressor(ARCHS[cfg['arch']](**kw), mano, n_iter=cfg['n_iter'])
+
+
+def load_pretrained(vit, path, key='teacher'):
+    """Initialize `vit` in place from `path` -> (loaded, missing, unexpected) key lists.
+
+    Our backbone.pth is a plain ViT state dict; our pretrain checkpoint.pth holds the teacher under
+    'teacher' and the student under 'model' (both with a 'backbone.' prefix); official files are
+    unwrapped by `ViT.load_pretrained` (containers, prefixes, heads dropped, pos_embed interpolated).
+    A file without ViT weights, or made for a ViT of another width or depth, is a ValueError."""
+    ckpt = load_checkpoint(path)
+    if key == 'student':  # ours keeps the student under 'model', DINO under 'student'
+        ckpt = next((ckpt[k] for k in ('student', 'model') if isinstance(ckpt.get(k), dict)), ckpt)
+    try:
+        loaded, missing, unexpected = vit.load_pretrained(ckpt)
+    except ValueError as e:
+        raise ValueError(f'--pretrained {path}: {e}') from None
+    own = vit.state_dict()
+    wrong = [k for k in unexpected if k in own] + [k for k in missing + unexpected if k.startswith('blocks.')]
+    if wrong:
+        depth = 1 + max((int(k.split('.')[1]) for k in loaded + unexpected if k.startswith('blocks.')), default=-1)
+        raise ValueError(f'--pretrained {path} was made for another ViT ({depth} blocks; mismatched: {wrong[:3]}); '
+                         f'this one has {vit.num_layers} blocks of width {vit.embed_dim}: '
+                         f'pass the --arch and --depth of the pretraining run')
+    if not loaded:
+        raise ValueError(f'--pretrained {path}: no ViT weights under the standard names (cls_token, pos_embed, '
+                         f'blocks.N.*); its keys start with {unexpected[:4]}')
+    return loaded, missing, unexpected
+
+
+def load_finetuned(path, device='cpu', mano=None):
+    """(model in eval mode, config dict) from a finetune.py checkpoint.pth or best.pth. `mano` overrides
+    the MANO model stored in the config (e.g. MANO_RIGHT.pkl at another path on this machine)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.get('config')
+    if not isinstance(ckpt.get('model'), dict) or not isinstance(cfg, dict) or 'n_iter' not in cfg:
+        raise ValueError(f'{path} is not a finetune.py checkpoint (expected "model" and a "config" with the '
+                         f'regressor settings; found keys {sorted(ckpt)[:6]})')
+    model = build_model(cfg, MANO(mano or cfg['mano']))
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:  # a MANO model with another vertex count, or edited weights
+        raise ValueError(f'{path} does not fit the network its config describes: {str(e)[:300]}') from None
+    return model.to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses, camera, layer-wise lr decay: pure functions
+
+def masked_mean(per_sample, mask):
+    """Mean of (B,) values over the samples where `mask` is True; 0 (not NaN) when none is."""
+    mask = mask.to(per_sample.dtype)
+    return (per_sample * mask).sum() / mask.sum().clamp(min=1)
+
+
+def mesh_losses(outputs, batch, weights):
+    """Weighted loss summed over the regressor iterations -> (total, {term: value of the last iteration}).
+
+    3D terms compare wrist-relative joints and vertices (the prediction lives in MANO's frame, the
+    labels in the camera frame); 2D joints are compared in the crop's [-1, 1] coordinates (contract:
+    uv = 2 u / S - 1)."""
+    B, S = batch['image'].shape[0], batch['image'].shape[-1]
+    root = batch['joints3d'][:, :1]                                   # (B, 1, 3)
+    gt_j3d, gt_v3d = batch['joints3d'] - root, batch['verts'] - root  # (B, J, 3), (B, V, 3)
+    gt_j2d = batch['joints2d'] * (2.0 / S) - 1.0                      # (B, J, 2)
+    gt_rot = axis_angle_to_matrix(batch['pose'].view(B, 16, 3))       # (B, 16, 3, 3)
+    has_3d, has_mano = batch['has_3d'], batch['has_mano']
+    has_verts = batch['has_verts'] & has_3d
+    total = 0.0
+    for out in outputs:
+        out = {k: v.float() for k, v in out.items()}  # losses in float32 under AMP
+        pred_root = out['joints'][:, :1]
+        terms = dict(j3d=masked_mean((out['joints'] - pred_root - gt_j3d).abs().mean((1, 2)), has_3d),
+                     v3d=masked_mean((out['vertices'] - pred_root - gt_v3d).abs().mean((1, 2)), has_verts),
+                     j2d=masked_mean((out['joints2d'] - gt_j2d).abs().mean((1, 2)), has_3d),
+                     rot=masked_mean((out['rotmat'] - gt_rot).pow(2).mean((1, 2, 3)), has_mano),
+                     beta=masked_mean((out['betas'] - batch['betas']).pow(2).mean(1), has_mano))
+        total = total + sum(weights[k] * v for k, v in terms.items())
+    return total, {k: v.item() for k, v in terms.items()}
+
+
+def camera_translation(cam, K, crop_size):
+    """Camera-frame translation (B, 3) of the MANO-frame mesh from the weak-perspective camera (B, 3).
+
+    `model.cam_to_translation` gives (tx, ty, 2 f / (s S)) for a principal point at the crop centre
+    S/2; a principal point c elsewhere shifts the projection by (c - S/2) px, undone by
+    (S - 2c) / (s S) in metres. Then points at the reference depth (MANO's Z = 0 plane) project
+    through K exactly where the weak-perspective camera puts them. f = (fx + fy) / 2. The depth is
+    only as good as weak perspective; Procrustes-aligned metrics do not depend on it."""
+    s = cam[:, :1].clamp(min=1e-6)
+    T = cam_to_translation(torch.cat([s, cam[:, 1:]], 1), (K[:, 0, 0] + K[:, 1, 1]) / 2, crop_size)
+    shift = (crop_size - 2 * K[:, :2, 2]) / (s * crop_size)  # (B, 2)
+    return T + torch.cat([shift, torch.zeros_like(s)], 1)
+
+
+def lr_decay_scale(name, num_layers, layer_decay):
+    """MAE's param_groups_lrd: embeddings are layer 0, ViT block i layer i + 1, everything after the
+    blocks (final norm, regressor) layer L + 1; a parameter of layer l trains at lr * decay^(L + 1 - l)."""
+    if name.startswith('vit.blocks.'):
+        layer = int(name.split('.')[2]) + 1
+    elif name.startswith(('vit.cls_token', 'vit.pos_embed', 'vit.mask_token', 'vit.patch_embed')):
+        layer = 0
+    else:
+        layer = num_layers + 1
+    return layer_decay ** (num_layers + 1 - layer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data, prediction, validation
+
+class KeyedSamples(torch.utils.data.Dataset):
+    """`dataset` indexed by (epoch, index) keys (pretrain.epoch_keys), each sample drawn under RNGs seeded
+    from (seed, epoch, index): its augmentation is a pure function of the key, in any worker, so a
+    resumed run sees exactly the samples an uninterrupted one would."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with seeded_rngs((self.seed * 1_000_003 + epoch) * 1_000_003 + index):
+            return self.dataset[index]
+
+
+def make_datasets(cfg):
+    """(train, val) parts of the TRAINING split; val is unaugmented. Whole groups are held out, so no
+    validation hand is trained on in another form: FreiHAND's image versions of one annotation, HO3D's
+    sequences (neighbouring frames are near duplicates)."""
+    if cfg.dataset == 'freihand':
+        train = FreiHAND(cfg.data, 'training', cfg.img_size, augment=cfg.augment, mano=cfg.mano)
+        groups = [i % train.n for i in range(len(train))]  # image i shows annotation i mod n
+    else:
+        train = HO3D(cfg.data, 'train', cfg.img_size, augment=cfg.augment, mano=cfg.mano)
+        groups = [name.split('/')[0] for name in train.ids]
+    val = copy.copy(train)  # shares the (large) annotation arrays
+    val.augment = None
+    names = sorted(set(groups))
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_val = min(len(names) - 1, max(1, round(cfg.val_fraction * len(names)))) if cfg.val_fraction > 0 else 0
+    held_out = {names[i] for i in order[:n_val]}
+    one_version = train.n if cfg.dataset == 'freihand' else len(train)  # FreiHAND: validate on version 0
+    train_ids = [i for i, g in enumerate(groups) if g not in held_out]
+    val_ids = [i for i, g in enumerate(groups) if g in held_out and i < one_version]
+    return torch.utils.data.Subset(train, train_ids), torch.utils.data.Subset(val, val_ids)
+
+
+@torch.no_grad()
+def predict(model, loader, device='cpu', amp='off'):
+    """Camera-frame predictions of the last iteration in the loader's order -> (xyz (N, J, 3), verts
+    (N, V, 3)) float32 numpy arrays in metres: the MANO-frame mesh moved by `camera_translation`."""
+    model.eval()
+    xyz, verts = [], []
+    for batch in tqdm(loader, desc='predict', leave=False, disable=dist.is_initialized() and dist.get_rank() > 0):
+        images, K = batch['image'].to(device), batch['K'].to(device).float()
+        with autocast(device, amp):
+            out = model(images)[-1]
+        T = camera_translation(out['cam'].float(), K, images.shape[-1])[:, None]  # (B, 1, 3)
+        xyz.append((out['joints'].float() + T).cpu())
+        verts.append((out['vertices'].float() + T).cpu())
+    return torch.cat(xyz).numpy(), torch.cat(verts).numpy()
+
+
+@torch.no_grad()
+def validate(model, dataset, cfg, device, rank=0, world=1):
+    """{'pa_mpjpe_mm', 'pa_mpvpe_mm'} on `dataset`, sharded over the processes and all-reduced."""
+    from evaluate import procrustes  # imported here: evaluate.py imports this file at its top
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # joint error, vertex error, samples
+    for batch in torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers):
+        gt_j, gt_v = batch['joints3d'].to(device), batch['verts'].to(device)
+        with autocast(device, cfg.amp):
+            out = model(batch['image'].to(device))[-1]
+        # Official protocol: joints and vertices each get their own similarity alignment.
+        err_j = (procrustes(out['joints'].float(), gt_j) - gt_j).norm(dim=-1).mean(1)  # (B,)
+        err_v = (procrustes(out['vertices'].float(), gt_v) - gt_v).norm(dim=-1).mean(1)
+        sums += torch.stack([err_j.sum(), err_v.sum(), torch.tensor(len(err_j), device=device)]).double()
+    if world > 1:
+        dist.all_reduce(sums)
+    n = sums[2].clamp(min=1)
+    return dict(pa_mpjpe_mm=1000 * float(sums[0] / n), pa_mpvpe_mm=1000 * float(sums[1] / n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRAINING SECTION
+
+def train(cfg):
+    """Fine-tune as configured; returns the process exit code (0 done, 130 stopped by Ctrl-C)."""
+    rank, world, device = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    is_main = rank == 0
+    print0(json.dumps(asdict(cfg)))
+
+    # ---- data: held-out validation groups, (epoch, index)-seeded training samples
+    train_set, val_set = make_datasets(cfg)
+    steps_per_epoch = len(train_set) // (world * cfg.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f'{cfg.data} has {len(train_set)} training samples after holding out {len(val_set)}, '
+                         f'fewer than one global batch ({world} x {cfg.batch_size}); lower --batch_size')
+    print0(f'{len(train_set)} training and {len(val_set)} held-out validation samples from {cfg.data}'
+           + ('' if len(val_set) else ' (validation needs --val_fraction > 0 and two hands or sequences)'))
+    keyed = KeyedSamples(train_set, cfg.seed)
+    total_steps = cfg.epochs * steps_per_epoch
+
+    # ---- model, optimizer with layer-wise lr decay, resume or pretrained initialization
+    model = build_model(asdict(cfg), MANO(cfg.mano)).to(device)
+    model.vit.mask_token.requires_grad_(False)  # used by masked pretraining only (DDP needs every grad)
+    decay = lambda name: lr_decay_scale(name, model.vit.num_layers, cfg.layer_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, decay))
+    scaler = make_scaler(cfg.amp, device)
+    guard = NonFiniteGuard(cfg.max_non_finite)
+    epoch, step_in_epoch, step, best = 0, 0, 0, float('inf')
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume)
+        if not isinstance(state.get('config'), dict) or 'optimizer' not in state:
+            raise ValueError(f"--resume {cfg.resume}: not a finetune.py checkpoint.pth (no 'config'/'optimizer')")
+        diff = [f'{k}={state["config"].get(k)!r} there, {getattr(cfg, k)!r} now' for k in ARCH_FIELDS
+                if state['config'].get(k) != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f'--resume {cfg.resume}: another architecture ({"; ".join(diff)}); pass the same flags')
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        epoch, step_in_epoch, step, best = state['epoch'], state['step_in_epoch'], state['step'], state['best']
+        guard.n_skipped = state['non_finite_steps']
+        print0(f'resumed from {cfg.resume}: epoch {epoch}, step {step}')
+    elif cfg.pretrained:
+        loaded, missing, unexpected = load_pretrained(model.vit, cfg.pretrained, cfg.key)
+        print0(f'--pretrained {cfg.pretrained}: loaded {len(loaded)} tensors; missing (left at init): '
+               f'{missing or "none"}; unexpected (ignored): {unexpected or "none"}')
+    else:
+        print0('no --pretrained: the ViT starts from scratch')
+    if is_main:  # only now that data and weights are known to be good: a failed start writes nothing
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, 'config.json'), 'w') as f:
+            json.dump(asdict(cfg), f, indent=1)
+    peak_lr = cfg.blr * cfg.batch_size * world / 256
+    weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta)
+    net = torch.compile(model) if cfg.compile else model  # `model` stays the plain module we save
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda'
+                                                        else None)
+
+    def save(path, metrics, full=True):
+        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step_in_epoch=step_in_epoch,
+                     step=step, best=best, non_finite_steps=guard.n_skipped) if full else {}
+        save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), epoch=epoch, metrics=metrics, **extra),
+                        os.path.join(cfg.output_dir, path))
+
+    log_path = os.path.join(cfg.output_dir, 'log.jsonl')
+    stop = None
+    with StopOnSignal() as ctrl_c:
+        while epoch < cfg.epochs and stop is None:
+            keys = epoch_keys(len(train_set), epoch, cfg.seed, rank, world, cfg.batch_size)
+            loader = torch.utils.data.DataLoader(keyed, cfg.batch_size, sampler=keys[step_in_epoch * cfg.batch_size:],
+                                                 num_workers=cfg.workers, pin_memory=device.type == 'cuda')
+            bar = tqdm(loader, total=steps_per_epoch, initial=step_in_epoch, disable=not is_main,
+                       desc=f'epoch {epoch + 1}/{cfg.epochs}', dynamic_ncols=True)
+            net.train()
+            tic = time.perf_counter()
+            for batch in bar:
+                lr = cosine_schedule(step, total_steps, peak_lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch)
+                for g in optimizer.param_groups:
+                    g['lr'] = lr * g['lr_scale']
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                # Drop path draws from the global RNG: seed it per step so a resumed run replays it.
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+                with autocast(device, cfg.amp):
+                    outputs = net(batch['image'])
+                loss, terms = mesh_losses(outputs, batch, weights)
+                if guard(loss, step):
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    if cfg.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step, step_in_epoch = step + 1, step_in_epoch + 1
+
+                toc = time.perf_counter()
+                img_s, tic = cfg.batch_size * world / (toc - tic), toc
+                record = dict(step=step, epoch=epoch, loss=loss.item(), **terms, lr=lr, img_s=img_s)
+                bar.set_postfix_str(f'loss {record["loss"]:.4f} L1(j3d) {1000 * terms["j3d"]:.1f} mm '
+                                    f'lr {lr:.2e} {img_s:.1f} img/s')
+                if is_main and (step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch):
+                    log_jsonl(log_path, record)
+                if any_rank(ctrl_c.requested, device):
+                    stop = 130
+                elif cfg.max_steps and step >= cfg.max_steps:
+                    stop = 0
+                if stop is not None:
+                    break
+            bar.close()
+            epoch_done, metrics = step_in_epoch == steps_per_epoch, {}
+            if epoch_done:
+                epoch, step_in_epoch = epoch + 1, 0
+            if epoch_done or stop == 0:  # validate after every epoch and at a --max_steps stop
+                # The plain module: DDP would broadcast buffers per forward and shards differ in length.
+                metrics = validate(model, val_set, cfg, device, rank, world) if len(val_set) else {}
+                print0(f'epoch {epoch} step {step} | validation '
+                       + (' | '.join(f'{k[:-3]} {v:.2f} mm' for k, v in metrics.items()) or 'skipped'))
+                if is_main:
+                    log_jsonl(log_path, dict(step=step, epoch=epoch, **{'val_' + k: v for k, v in metrics.items()}))
+                if metrics.get('pa_mpvpe_mm', float('inf')) < best or not metrics:
+                    best = metrics.get('pa_mpvpe_mm', best)
+                    if is_main:
+                        save('best.pth', metrics, full=False)
+            if is_main:
+                save('checkpoint.pth', metrics)  # every epoch, and where a stop happened
+
+    path = os.path.join(cfg.output_dir, 'checkpoint.pth')
+    if stop == 130:
+        print0(f'stopped by a signal at step {step}: checkpoint saved, continue with --resume {path}')
+    else:
+        score = f'best validation PA-MPVPE {best:.2f} mm; ' if best < float('inf') else ''
+        print0(f'done: {step} steps, {guard.n_skipped} skipped (non-finite); {score}'
+               f'model in {os.path.join(cfg.output_dir, "best.pth")}')
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return stop or 0
+
+
+def main(argv=None):
+    cfg = config_from_cli(FinetuneConfig, argv)
+    try:
+        return train(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
