@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import pickle
+import pickletools
 import sys
 from typing import NamedTuple
 
@@ -250,8 +251,8 @@ def _check_mano(d, source):
 
 
 def save_mano(d, path):
-    """Write a MANO dict as .npz (no pickle involved) or as a plain .pkl (protocol 4) of numpy arrays and
-    a scipy.sparse J_regressor, the layout that smplx/manopth read. Atomic: temp file + rename."""
+    """Write a MANO dict as .npz (no pickle involved) or as a plain .pkl of numpy arrays and a scipy.sparse
+    J_regressor, the layout that smplx/manopth read. Atomic: temp file + rename."""
     path, tmp = str(path), str(path) + '.tmp'
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, 'wb') as f:
@@ -259,8 +260,30 @@ def save_mano(d, path):
             np.savez(f, **{k: v.toarray() if scipy.sparse.issparse(v) else np.asarray(v)
                            for k, v in d.items()})
         else:
-            pickle.dump(dict(d), f, protocol=4)
+            f.write(_portable_pickle(dict(d)))
     os.replace(tmp, path)
+
+
+def _portable_pickle(obj):
+    """Protocol 2 (as the official file) with the module names that numpy 1 and old scipy also know.
+
+    numpy 2 pickles arrays through its private `numpy._core` and scipy >= 1.8 sparse matrices through
+    `scipy.sparse._csc`; older versions (the ones chumpy-era MANO libraries pin) lack those modules,
+    while new versions still accept `numpy.core` and `scipy.sparse.csc`. Protocol 2 names globals with
+    a text GLOBAL opcode, so the names are rewritten at exactly those opcodes (found with pickletools).
+    """
+    data = pickle.dumps(obj, protocol=2)
+    renames = (('numpy._core.', 'numpy.core.'), ('scipy.sparse._csc', 'scipy.sparse.csc'))
+    out, last = [], 0
+    for op, arg, pos in pickletools.genops(data):
+        if op.name != 'GLOBAL':
+            continue
+        module, name = arg.split(' ', 1)
+        renamed = next((new + module[len(old):] for old, new in renames if module.startswith(old)), module)
+        if renamed != module:                       # the opcode is b'c' module b'\n' name b'\n'
+            out += [data[last:pos], f'c{renamed}\n{name}\n'.encode('ascii')]
+            last = pos + len(module) + len(name) + 3
+    return b''.join(out + [data[last:]])
 
 
 # ----------------------------------------------------------------------------------------------------

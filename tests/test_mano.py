@@ -7,8 +7,10 @@ when $MANO_DIR/MANO_RIGHT.pkl exists). Models are small random MANO-format dicts
 """
 import os
 import pickle
+import pickletools
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -224,6 +226,22 @@ def test_save_load_round_trip(tmp_path, suffix):
         with open(path, 'rb') as f:
             plain = pickle.load(f, encoding='latin1')
         assert scipy.sparse.issparse(plain['J_regressor']) and isinstance(plain['f'], np.ndarray)
+
+
+def test_written_pkl_is_portable(tmp_path):
+    # The .pkl must load in a plain pickle.load (what smplx/manopth do) and name only modules that numpy 1
+    # and old scipy also have: not numpy 2's private numpy._core or scipy's private scipy.sparse._csc.
+    d = load_mano('synthetic')
+    mano.save_mano(d, tmp_path / 'SYNTH_RIGHT.pkl')
+    raw = (tmp_path / 'SYNTH_RIGHT.pkl').read_bytes()
+    names = {arg.split(' ')[0] for op, arg, _ in pickletools.genops(raw) if op.name in ('GLOBAL', 'STACK_GLOBAL')}
+    assert names and not any(n.startswith(('numpy._core', 'scipy.sparse._')) for n in names), names
+    with warnings.catch_warnings():                 # numpy 2 calls numpy.core deprecated, and still loads it
+        warnings.simplefilter('ignore', DeprecationWarning)
+        plain = pickle.loads(raw, encoding='latin1')
+    assert scipy.sparse.issparse(plain['J_regressor'])
+    assert np.array_equal(plain['J_regressor'].toarray(), d['J_regressor'].toarray())
+    assert np.array_equal(plain['posedirs'], d['posedirs']) and plain['f'].dtype == d['f'].dtype
 
 
 def test_missing_file_error(tmp_path, monkeypatch):
