@@ -743,25 +743,49 @@ def pose_prior(model):
                 components=np.asarray(model['hands_components'], np.float64), std=std)
 
 
-def sample_hand(rng, prior, axis, max_angle=1.6, max_axis_z=0.7):
+def rest_frame(joints):
+    """(3, 3) rotation whose columns are the rest hand's finger direction (wrist -> middle MCP), its
+    across-palm direction (pinky MCP -> index MCP, made orthogonal) and palm normal, from (21, 3) joints."""
+    axis = _unit(joints[9] - joints[0])
+    side = joints[5] - joints[17]
+    side = _unit(side - (side @ axis) * axis)
+    return np.stack([axis, side, np.cross(axis, side)], 1)
+
+
+def _rotation(axis, angle):
+    """Rotation matrix (3, 3) by `angle` rad about the unit `axis` (Rodrigues)."""
+    return axis_angle_to_matrix(torch.as_tensor(np.asarray(axis, np.float64) * angle)).numpy()
+
+
+def sample_view(rng, frame, roll=math.radians(60), tilt=0.45, max_tilt=1.1):
+    """A FreiHAND-like camera-frame global rotation (3, 3) of a hand whose rest pose has `rest_frame` `frame`.
+
+    FreiHAND's hands mostly show the palm or the back to the camera, fingers roughly up, with a moderate
+    tilt: the hand is turned so its fingers point up the image (-y) and its palm normal along -z or +z
+    (even odds), then tilted about the image x and y axes by N(0, tilt) rad (clipped to max_tilt) and rolled
+    in the image plane by U(-roll, roll) (training adds +-30 degrees of roll by augmentation). Rotations
+    drawn over the whole sphere are unlike real hand data sets and show many hands edge-on, where the
+    finger pose is hard to see."""
+    facing = 1.0 if rng.random() < 0.5 else -1.0
+    up, normal = np.array([0.0, -1.0, 0.0]), np.array([0.0, 0.0, facing])
+    target = np.stack([up, np.cross(normal, up), normal], 1)  # same handedness as `frame`'s columns
+    tx, ty = np.clip(rng.normal(0, tilt, 2), -max_tilt, max_tilt)
+    R = _rotation([1, 0, 0], tx) @ _rotation([0, 1, 0], ty) @ target @ frame.T
+    return _rotation([0, 0, 1], rng.uniform(-roll, roll)) @ R
+
+
+def sample_hand(rng, prior, frame, max_angle=1.6):
     """Random right hand: (48,) absolute pose and (10,) betas ~ N(0, 1) clipped to [-2, 2].
 
     Fingers: a PCA prior sample (grasp-like synergies) plus independent noise, each joint's rotation angle
-    limited to `max_angle` rad. Global rotation: uniform over SO(3), redrawn (up to 20 times) while the
-    rest-pose wrist -> middle-finger `axis` points more than `max_axis_z` along the optical axis (end-on).
+    limited to `max_angle` rad. Global rotation: `sample_view` (palm or back towards the camera, moderate
+    tilt and roll) for a hand whose rest pose has `rest_frame` `frame`.
     """
     fingers = prior['mean'] + (rng.normal(size=45) * prior['std']) @ prior['components']
     fingers = (fingers + rng.normal(0, 0.08, 45)).reshape(15, 3)
     angle = np.linalg.norm(fingers, axis=1, keepdims=True)
     fingers = fingers * np.minimum(1, max_angle / np.maximum(angle, 1e-9))  # (15, 3) angle-limited
-    for _ in range(20):
-        # a normalized Gaussian quaternion (w, x, y, z) is uniform over rotations; as axis-angle:
-        q = _unit(rng.normal(size=4))
-        q = q if q[0] >= 0 else -q  # the same rotation, angle in [0, pi]
-        glob = 2 * np.arccos(min(q[0], 1.0)) * _unit(q[1:])
-        R = axis_angle_to_matrix(torch.as_tensor(glob)).numpy()
-        if abs(R[2] @ axis) < max_axis_z:
-            break
+    glob = matrix_to_axis_angle(torch.as_tensor(sample_view(rng, frame))).numpy()
     return np.concatenate([glob, fingers.reshape(45)]), np.clip(rng.normal(size=10), -2, 2)
 
 
@@ -814,12 +838,11 @@ def _scenes(layer, prior, count, seed, code, size, focal, hand_px, spread=0.0, b
     from the generator seeded [seed, code, i], so batching and order do not change the set. The hand spans
     ~hand_px px, up to `spread` x the image size off-centre; J0 is its wrist before the translation."""
     H, W = size
-    rest = layer(torch.zeros(1, 48)).joints[0].double().numpy()
-    axis = _unit(rest[9] - rest[0])  # wrist -> middle MCP
+    frame = rest_frame(layer(torch.zeros(1, 48)).joints[0].double().numpy())
     for start in range(0, count, batch):
         ids = range(start, min(count, start + batch))
         rngs = [np.random.default_rng([seed, code, i]) for i in ids]
-        poses, betas = (np.stack(x) for x in zip(*[sample_hand(rng, prior, axis) for rng in rngs]))
+        poses, betas = (np.stack(x) for x in zip(*[sample_hand(rng, prior, frame) for rng in rngs]))
         out = layer(torch.as_tensor(poses, dtype=torch.float32), torch.as_tensor(betas, dtype=torch.float32))
         verts, joints = out.vertices.double().numpy(), out.joints.double().numpy()  # (B, V, 3), (B, 21, 3)
         for b, (i, rng) in enumerate(zip(ids, rngs)):

@@ -5,8 +5,11 @@ pretraining (or an official MAE / DINO / iBOT / timm checkpoint, or from scratch
 iterative regressor (model.MeshRegressor) that predicts MANO pose, shape and a weak-perspective camera.
 Every regressor iteration is supervised (PyMAF-X, SUPV_LAST False):
     L = sum over iterations of  w_j3d L1(root-relative 3D joints) + w_v3d L1(root-relative vertices)
-        + w_j2d L1(2D joints, normalized crop coords) + w_rot MSE(16 rotation matrices) + w_beta MSE(betas),
-the last two only on samples with MANO labels. Optimisation as MAE fine-tuning (main_finetune.py):
+        + w_j2d L1(2D joints, normalized crop coords) + w_rot MSE(16 rotation matrices) + w_beta MSE(betas)
+        + w_hand L1(vertices in the hand frame: root-relative, global rotation undone),
+the last three only on samples with MANO labels. The hand-frame term is the finger pose and shape error
+alone (what the Procrustes-aligned metrics score); it is logged even at its default weight 0, to show
+whether the fingers learn while the orientation terms dominate the loss. Optimisation as MAE fine-tuning (main_finetune.py):
 AdamW, lr = blr * global batch / 256, layer-wise lr decay, linear warm-up + cosine, drop path.
 A held-out part of the TRAINING set (--val_fraction; never the evaluation split) is scored with
 PA-MPJPE / PA-MPVPE after every epoch. Loss weights are our choice (the paper does not give them).
@@ -75,6 +78,8 @@ class FinetuneConfig:
     val_fraction: float = option(0.1, 'held-out part of the TRAINING set, scored after every epoch')
     w_j3d: float = option(1.0, 'weight of the L1 on root-relative 3D joints (metres)')
     w_v3d: float = option(1.0, 'weight of the L1 on root-relative vertices (metres)')
+    w_hand: float = option(0.0, 'weight of the L1 on vertices in the hand frame (root-relative, global rotation '
+                               'undone): finger pose error alone')
     w_j2d: float = option(0.1, 'weight of the L1 on 2D joints ([-1, 1] crop coordinates)')
     w_rot: float = option(1.0, 'weight of the MSE on the 16 MANO rotation matrices')
     w_beta: float = option(0.05, 'weight of the MSE on the 10 MANO shape coefficients (keeps the shape '
@@ -159,24 +164,28 @@ def mesh_losses(outputs, batch, weights):
 
     3D terms compare wrist-relative joints and vertices (the prediction lives in MANO's frame, the
     labels in the camera frame); 2D joints are compared in the crop's [-1, 1] coordinates (contract:
-    uv = 2 u / S - 1)."""
+    uv = 2 u / S - 1). A term missing from `weights` is computed and reported, not trained."""
     B, S = batch['image'].shape[0], batch['image'].shape[-1]
     root = batch['joints3d'][:, :1]                                   # (B, 1, 3)
     gt_j3d, gt_v3d = batch['joints3d'] - root, batch['verts'] - root  # (B, J, 3), (B, V, 3)
     gt_j2d = batch['joints2d'] * (2.0 / S) - 1.0                      # (B, J, 2)
     gt_rot = axis_angle_to_matrix(batch['pose'].view(B, 16, 3))       # (B, 16, 3, 3)
+    gt_hand = gt_v3d @ gt_rot[:, 0]                                   # (B, V, 3) hand frame
     has_3d, has_mano = batch['has_3d'], batch['has_mano']
     has_verts = batch['has_verts'] & has_3d
     total = 0.0
     for out in outputs:
         out = {k: v.float() for k, v in out.items()}  # losses in float32 under AMP
         pred_root = out['joints'][:, :1]
+        # the hand frame: root-relative, each mesh's own global rotation undone (R^T x = x R)
+        pred_hand = (out['vertices'] - pred_root) @ out['rotmat'][:, 0]        # (B, V, 3)
         terms = dict(j3d=masked_mean((out['joints'] - pred_root - gt_j3d).abs().mean((1, 2)), has_3d),
+                     hand=masked_mean((pred_hand - gt_hand).abs().mean((1, 2)), has_verts & has_mano),
                      v3d=masked_mean((out['vertices'] - pred_root - gt_v3d).abs().mean((1, 2)), has_verts),
                      j2d=masked_mean((out['joints2d'] - gt_j2d).abs().mean((1, 2)), has_3d),
                      rot=masked_mean((out['rotmat'] - gt_rot).pow(2).mean((1, 2, 3)), has_mano),
                      beta=masked_mean((out['betas'] - batch['betas']).pow(2).mean(1), has_mano))
-        total = total + sum(weights[k] * v for k, v in terms.items())
+        total = total + sum(weights.get(k, 0.0) * v for k, v in terms.items())  # unweighted: logged only
     return total, {k: v.item() for k, v in terms.items()}
 
 
@@ -339,7 +348,7 @@ def train(cfg):
         with open(os.path.join(cfg.output_dir, 'config.json'), 'w') as f:
             json.dump(asdict(cfg), f, indent=1)
     peak_lr = cfg.blr * cfg.batch_size * world / 256
-    weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta)
+    weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, hand=cfg.w_hand, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta)
     net = torch.compile(model) if cfg.compile else model  # `model` stays the plain module we save
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda'

@@ -557,3 +557,24 @@ def test_malformed_annotations_name_the_file(freihand_set, ho3d_set, tmp_path):
     os.remove(meta)
     with pytest.raises(FileNotFoundError, match=f'{fid}.pkl is missing'):
         data.HO3D(h, 'train')[0]
+
+
+def test_sampled_views_are_freihand_like_rotations():
+    # sample_view turns the rest hand so that its fingers point up the image (-y) and its palm normal
+    # faces the camera (+-z), then tilts and rolls it: check it on the synthetic hand's own rest frame.
+    from mano import MANO
+    layer = MANO('synthetic')
+    frame = data.rest_frame(layer(torch.zeros(1, 48)).joints[0].double().numpy())
+    assert np.allclose(frame.T @ frame, np.eye(3), atol=1e-9) and np.isclose(np.linalg.det(frame), 1)
+    rng = np.random.default_rng(0)
+    views = np.stack([data.sample_view(rng, frame) for _ in range(300)])      # (300, 3, 3)
+    assert np.allclose(views.transpose(0, 2, 1) @ views, np.eye(3), atol=1e-9)
+    assert np.allclose(np.linalg.det(views), 1)
+    fingers, normal = views @ frame[:, 0], views @ frame[:, 2]                # (300, 3) camera frame
+    assert fingers[:, 1].mean() < -0.6                                        # mostly up the image
+    assert np.abs(normal[:, 2]).mean() > 0.7                                  # palm or back to the camera
+    assert 0.3 < (normal[:, 2] > 0).mean() < 0.7                              # both sides, even odds
+    # no tilt and no roll: exactly fingers up, palm normal along the optical axis
+    R = data.sample_view(np.random.default_rng(1), frame, roll=0.0, tilt=0.0)
+    assert np.allclose(R @ frame[:, 0], [0, -1, 0], atol=1e-9)
+    assert np.allclose(np.abs(R @ frame[:, 2]), [0, 0, 1], atol=1e-9)

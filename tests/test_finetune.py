@@ -42,7 +42,7 @@ def make_labels(mano, n, seed=0):
                 has_verts=torch.ones(n, dtype=torch.bool), has_mano=torch.ones(n, dtype=torch.bool))
 
 
-WEIGHTS = dict(j3d=1.0, v3d=1.0, j2d=1.0, rot=1.0, beta=1.0)
+WEIGHTS = dict(j3d=1.0, v3d=1.0, hand=1.0, j2d=1.0, rot=1.0, beta=1.0)
 
 
 def perfect_outputs(batch, shift):
@@ -67,6 +67,25 @@ def test_losses_vanish_on_ground_truth_and_measure_l1(mano):
     one, _ = mesh_losses(outputs, batch, WEIGHTS)
     two, _ = mesh_losses(outputs * 2, batch, WEIGHTS)
     assert two.item() == pytest.approx(2 * one.item(), rel=1e-6)
+
+
+def test_hand_frame_loss_ignores_global_rotation_only(mano):
+    """The hand-frame term sees finger pose and shape errors, not a wrong global rotation."""
+    batch = make_labels(mano, 3)
+    B = len(batch['pose'])
+    turned = batch['pose'].clone()
+    turned[:, :3] = torch.tensor([0.0, 2.5, 0.0])  # another global rotation, same fingers and shape
+    out = mano(pose=turned, betas=batch['betas'])
+    outputs = [dict(joints=out.joints, vertices=out.vertices, joints2d=batch['joints2d'] * 2 / S - 1,
+                    betas=batch['betas'], rotmat=axis_angle_to_matrix(turned.view(B, 16, 3)))]
+    _, terms = mesh_losses(outputs, batch, WEIGHTS)
+    assert terms['hand'] < 1e-6 and terms['v3d'] > 1e-2
+    bent = turned.clone()
+    bent[:, 3 + 3 * 4:3 + 3 * 5] += 0.5  # one finger joint bent further
+    out = mano(pose=bent, betas=batch['betas'])
+    outputs[0].update(joints=out.joints, vertices=out.vertices, rotmat=axis_angle_to_matrix(bent.view(B, 16, 3)))
+    _, terms = mesh_losses(outputs, batch, WEIGHTS)
+    assert terms['hand'] > 1e-4
 
 
 def test_losses_respect_label_masks(mano):
@@ -222,7 +241,7 @@ def test_tiny_batch_overfits(mano):
     start = pa_error(model.eval()(batch['image'])[-1]['vertices'].detach(), batch['verts'])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     cfg = finetune.FinetuneConfig()  # the default loss weights
-    weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta)
+    weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, hand=cfg.w_hand, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta)
     model.train()
     for step in range(60):
         loss, _ = mesh_losses(model(batch['image']), batch, weights)
