@@ -460,7 +460,8 @@ def test_ctrl_c_saves_and_resume_gives_identical_losses(quick_run, tmp_path, mon
     monkeypatch.setattr(P, 'log_jsonl', real_log)
     assert _run(data, out, '--resume', str(out / 'checkpoint.pth')) == 0
     assert _losses(out) == _losses(out_full)                                    # bit-identical on CPU
-    a, b = torch.load(out / 'backbone.pth'), torch.load(out_full / 'backbone.pth')
+    a = torch.load(out / 'backbone.pth', weights_only=True)
+    b = torch.load(out_full / 'backbone.pth', weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -533,7 +534,7 @@ def test_centre_same_in_two_processes_and_one(tmp_path):
     mp.spawn(_centre_worker, args=(2, port, logits, str(tmp_path / 'c.pt')), nprocs=2)
     one = P.Centre(16)
     one.update(logits)
-    torch.testing.assert_close(torch.load(tmp_path / 'c.pt'), one.value)
+    torch.testing.assert_close(torch.load(tmp_path / 'c.pt', weights_only=True), one.value)
     torch.testing.assert_close(one.value, 0.1 * logits.reshape(-1, 16).mean(0))   # c = 0.9 * 0 + 0.1 * mean
 
 
