@@ -256,17 +256,17 @@ def _check_sets(xyz, verts, what):
             raise ValueError(f'{what}: {bad.sum()} samples have NaN/inf {name} (first: sample {bad.argmax()})')
 
 
-def _write_atomic(path, text, zip_member=None):
-    """Write `text` to `path` (or as `zip_member` of a zip archive at `path`) through a temporary file
-    and os.replace, so a failure never leaves a partial file or clobbers an old one."""
+def _write_atomic(path, data, zip_member=None):
+    """Write `data` (str or bytes) to `path`, or as `zip_member` of a zip archive at `path`, through a
+    temporary file and os.replace, so a failure never leaves a partial file or clobbers an old one."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         if zip_member:
             with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
-                z.writestr(zip_member, text)
+                z.writestr(zip_member, data)
         else:
-            with open(tmp, 'w') as f:
-                f.write(text)
+            with open(tmp, 'wb') as f:
+                f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -469,18 +469,6 @@ def obj_text(verts, faces):
     return '\n'.join(lines) + '\n'
 
 
-def _write_bytes_atomic(path, data):
-    """`data` (bytes) to `path` through a temporary file and os.replace (no half-written file, ever)."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _output_names(paths, root):
     """Output path stem per image: its path under `root` without the extension; images that would
     share one (hand.jpg, hand.png) keep their extension in the name (hand_jpg, hand_png)."""
@@ -538,12 +526,12 @@ def save_hand(stem, png, res, faces):
     os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(png).save(buf, format='PNG')
-    _write_bytes_atomic(stem + '.png', buf.getvalue())
+    _write_atomic(stem + '.png', buf.getvalue())
     # A mirrored mesh is inside out: reversing each face's winding makes its normals point outward again.
     _write_atomic(stem + '.obj', obj_text(res['vertices'], faces[:, ::-1] if res['left'] else faces))
     buf = io.BytesIO()
     np.savez(buf, **{k: res[k] for k in DEMO_KEYS})
-    _write_bytes_atomic(stem + '.npz', buf.getvalue())
+    _write_atomic(stem + '.npz', buf.getvalue())
 
 
 def _demo_device(name):

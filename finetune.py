@@ -39,9 +39,9 @@ from tqdm import tqdm
 from data import HO3D, FreiHAND
 from mano import MANO, axis_angle_to_matrix
 from model import MeshRegressor, cam_to_translation, vit_base, vit_large, vit_small, vit_tiny
-from pretrain import (NonFiniteGuard, NonFiniteLossError, any_rank, option, seeded_rngs, StopOnSignal, autocast,
-                      config_from_cli, cosine_schedule, epoch_keys, load_checkpoint, log_jsonl, make_scaler,
-                      param_groups, print0, save_checkpoint, setup_distributed)
+from pretrain import (NonFiniteGuard, StopOnSignal, any_rank, autocast, check_same_architecture, cosine_schedule,
+                      epoch_keys, load_checkpoint, log_jsonl, make_scaler, option, param_groups, print0, run_cli,
+                      save_checkpoint, seeded_rngs, setup_distributed, teardown_distributed)
 
 ARCHS = dict(vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base, vit_large=vit_large)
 ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter')  # the shapes of the weights
@@ -327,10 +327,7 @@ def train(cfg):
         state = load_checkpoint(cfg.resume)
         if not isinstance(state.get('config'), dict) or 'optimizer' not in state:
             raise ValueError(f"--resume {cfg.resume}: not a finetune.py checkpoint.pth (no 'config'/'optimizer')")
-        diff = [f'{k}={state["config"].get(k)!r} there, {getattr(cfg, k)!r} now' for k in ARCH_FIELDS
-                if state['config'].get(k) != getattr(cfg, k)]
-        if diff:
-            raise ValueError(f'--resume {cfg.resume}: another architecture ({"; ".join(diff)}); pass the same flags')
+        check_same_architecture(state['config'], cfg, ARCH_FIELDS)
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
         scaler.load_state_dict(state['scaler'])
@@ -429,22 +426,12 @@ def train(cfg):
         score = f'best validation PA-MPVPE {best:.2f} mm; ' if best < float('inf') else ''
         print0(f'done: {step} steps, {guard.n_skipped} skipped (non-finite); {score}'
                f'model in {os.path.join(cfg.output_dir, "best.pth")}')
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    teardown_distributed()
     return stop or 0
 
 
 def main(argv=None):
-    cfg = config_from_cli(FinetuneConfig, argv)
-    try:
-        return train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    return run_cli(FinetuneConfig, train, argv)
 
 
 if __name__ == '__main__':

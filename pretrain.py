@@ -112,6 +112,24 @@ def setup_distributed(device='auto'):
     return rank, world, torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
 
 
+def teardown_distributed():
+    """Wait for every rank (rank 0 may still be writing a checkpoint), then leave the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_cli(config_cls, train, argv=None):
+    """Parse the flags into `config_cls` and run `train(cfg)`; bad input and a loss that stays non-finite
+    end with a one-line message instead of a traceback. -> exit code (2 bad input, 1 non-finite)."""
+    cfg = config_from_cli(config_cls, argv)
+    try:
+        return train(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteLossError) else 2
+
+
 def print0(*args, **kwargs):
     """print() on rank 0 only (instead of patching builtins.print as DINO/MAE do)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -464,10 +482,10 @@ def resolve_preset(cfg, has_gpu):
     return cfg, note
 
 
-def check_same_architecture(saved, cfg):
-    """Refuse to resume from a checkpoint whose weights have other shapes, naming the fields."""
+def check_same_architecture(saved, cfg, fields=ARCH_FIELDS):
+    """Refuse to resume from a checkpoint whose weights have other shapes, naming the `fields` that differ."""
     diff = [f"{k}={saved.get(k)!r} in the checkpoint but {getattr(cfg, k)!r} now"
-            for k in ARCH_FIELDS if saved.get(k) != getattr(cfg, k)]
+            for k in fields if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise ValueError("--resume: the checkpoint was trained with another architecture (" + '; '.join(diff) +
                          "). Pass the same flags as the original run, or drop --resume to start afresh.")
@@ -777,19 +795,12 @@ def train(cfg):
         save_checkpoint(teacher['backbone'].state_dict(), out('backbone.pth'))
         print0(f"done: {step} steps ({timed[0] / max(timed[1], 1e-9):.1f} img/s), {guard.n_skipped} skipped "
                f"(non-finite); teacher backbone saved to {out('backbone.pth')}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    teardown_distributed()
     return stop or 0
 
 
 def main(argv=None):
-    cfg = config_from_cli(PretrainConfig, argv)
-    try:
-        return train(cfg)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:   # a clear message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteLossError) else 2   # 2: bad input
+    return run_cli(PretrainConfig, train, argv)
 
 
 if __name__ == '__main__':
