@@ -31,6 +31,36 @@ def random_batch(cfg, device, B):
                 affines=[affine.to(device) for _ in sizes], masks=[m.to(device) for m in masks])
 
 
+def make_step(cfg, device, amp='off', compile=False):
+    """-> (step, student): `step()` runs one full pretraining step on a fixed random batch of
+    cfg.batch_size images and returns the loss tensor (not synchronized)."""
+    torch.manual_seed(0)
+    student, teacher, centres = (m.to(device) for m in P.build_models(cfg))
+    model, teacher_fwd = student, teacher
+    if compile:
+        model, teacher_fwd = torch.compile(student), {k: torch.compile(m) for k, m in teacher.items()}
+    optimizer = torch.optim.AdamW(P.param_groups(student, cfg.weight_decay), lr=1e-4)
+    scaler = P.make_scaler(amp, device)
+    batch = random_batch(cfg, device, cfg.batch_size)
+    grid = (cfg.img_size // cfg.patch_size,) * 2
+
+    def step():
+        with P.autocast(device, amp):
+            loss, parts, _, t_logits = P.handmim_losses(model, teacher_fwd, centres, batch, cfg, 0.04, grid)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        P.clip_gradients(student.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        P.ema_update(teacher, student, 0.996)
+        centres['cls'].update(t_logits[:, 0])
+        if cfg.w_mim:
+            centres['patch'].update(t_logits[:, 1:])
+        return loss
+    return step, student
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--preset', default='tiny', choices=['tiny', 'base'])
@@ -51,29 +81,7 @@ def main():
                                                   w_pka=args.w_pka, w_mim=args.w_mim, w_pix=args.w_pix),
                                  has_gpu=device.type == 'cuda')
     print(note, f'| device {device}, amp {args.amp}, compile {args.compile}, {torch.get_num_threads()} threads')
-    torch.manual_seed(0)
-    student, teacher, centres = (m.to(device) for m in P.build_models(cfg))
-    model, teacher_fwd = student, teacher
-    if args.compile:
-        model, teacher_fwd = torch.compile(student), {k: torch.compile(m) for k, m in teacher.items()}
-    optimizer = torch.optim.AdamW(P.param_groups(student, cfg.weight_decay), lr=1e-4)
-    scaler = P.make_scaler(args.amp, device)
-    batch = random_batch(cfg, device, cfg.batch_size)
-    grid = (cfg.img_size // cfg.patch_size,) * 2
-
-    def step():
-        with P.autocast(device, args.amp):
-            loss, parts, _, t_logits = P.handmim_losses(model, teacher_fwd, centres, batch, cfg, 0.04, grid)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        P.clip_gradients(student.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        P.ema_update(teacher, student, 0.996)
-        centres['cls'].update(t_logits[:, 0])
-        return loss
-
+    step, student = make_step(cfg, device, args.amp, args.compile)
     for _ in range(2):
         step()
     if device.type == 'cuda':

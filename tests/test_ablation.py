@@ -1,0 +1,147 @@
+"""Tests of scripts/ablation.py: the report functions (aggregate, markdown, plot) on hand-made results, its small
+helpers, and an end-to-end --smoke run (one step per stage) whose re-run skips every finished run."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import ablation  # noqa: E402
+
+KEYS = [key for key, _, _ in ablation.METRICS]
+COUNTS = dict(mean_hand=1, scratch=3, full=3, no_pka=1, no_mim=1, no_pix=1)  # runs per variant of the default
+
+
+def hand_made_results(seed=0):
+    """Results as the driver writes them (metrics only), the ablations listed before the main runs."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for variant in ['no_pix', 'no_mim', 'no_pka', 'full', 'scratch', 'mean_hand']:
+        for s in range(COUNTS[variant]):
+            metrics = dict(pa_mpjpe_mm=rng.uniform(5, 20), pa_mpvpe_mm=rng.uniform(5, 20), f5=rng.uniform(0, 1),
+                           f15=rng.uniform(0, 1), st_mpjpe_mm=rng.uniform(20, 90))
+            results.append(dict(variant=variant, seed=None if variant == 'mean_hand' else s, metrics=metrics))
+    return results
+
+
+META = dict(n_unlabeled=8000, n_labelled=2000, n_eval=500, img_size=64, patch_size=8, arch='vit_tiny', depth=6,
+            batch_size=32, pretrain_steps=[1000], finetune_steps=[560], processor='x86_64', threads=2, device='cpu',
+            wall_min=118.4)
+
+
+def test_aggregate_matches_numpy_sample_std():
+    results = hand_made_results()
+    rows = ablation.aggregate(results)
+    assert [r['variant'] for r in rows] == list(COUNTS)  # the table order, whatever the order of the results
+    for row in rows:
+        runs = [r for r in results if r['variant'] == row['variant']]
+        assert len(row['seeds']) == COUNTS[row['variant']]
+        for key in KEYS:
+            x = np.array([r['metrics'][key] for r in runs])
+            assert row[key]['mean'] == pytest.approx(x.mean(), rel=1e-12)
+            assert sorted(row[key]['values']) == pytest.approx(sorted(x))
+            if len(x) > 1:
+                assert row[key]['std'] == pytest.approx(x.std(ddof=1), rel=1e-12)
+            else:
+                assert row[key]['std'] is None  # one run has no spread to report
+
+
+def test_markdown_lists_every_variant_with_mean_and_std():
+    rows = ablation.aggregate(hand_made_results())
+    text = ablation.markdown(rows, META)
+    for row in rows:
+        assert f"| {row['label']} |" in text
+    scratch = next(r for r in rows if r['variant'] == 'scratch')
+    line = next(line for line in text.splitlines() if line.startswith(f"| {scratch['label']} |"))
+    s = scratch['pa_mpvpe_mm']
+    assert '| 3 |' in line and f"{s['mean']:.2f} ± {s['std']:.2f}" in line
+    no_pix = next(line for line in text.splitlines() if 'pixel' in line and line.startswith('|'))
+    assert '±' not in no_pix  # one seed: the value alone
+    assert 'ddof = 1' in text and '8000 unlabeled' in text and 'Total wall time 118.4 min' in text
+    assert text.count('\n|') == len(rows) + 2  # header, rule, one line per variant
+
+
+def test_plot_draws_bars_and_mean_hand_line(tmp_path):
+    rows = ablation.aggregate(hand_made_results())
+    path = ablation.plot(rows, str(tmp_path / 'sub' / 'ablation.png'))
+    with Image.open(path) as img:
+        assert img.size == (800, 450)
+        pixels = np.asarray(img.convert('RGB')).reshape(-1, 3)
+    colours = {tuple(p) for p in np.unique(pixels, axis=0)}
+    assert (40, 100, 200) in colours and (150, 150, 150) in colours  # the full and scratch bars
+    assert (200, 30, 30) in colours  # the mean hand's dashed line
+
+
+def test_helpers():
+    entries = [[[0.5, -1.25e-3]], {'a': [1, 2]}, 'x', 3]
+    for text in (json.dumps(entries, separators=(',', ':')), json.dumps(entries, indent=1)):
+        for n in range(len(entries) + 1):
+            assert json.loads(ablation.first_entries(text, n)) == entries[:n]
+    assert ablation.schedule(['no_mim', 'full', 'scratch'], 2, 1) == [('scratch', 0), ('full', 0), ('scratch', 1),
+                                                                      ('full', 1), ('no_mim', 0)]
+    cfg = ablation.resolve(ablation.AblationConfig(smoke=True, n_unlabeled=30))
+    assert (cfg.n_unlabeled, cfg.n_labelled, cfg.depth, cfg.img_size, cfg.device) == (30, 12, 2, 64, 'cpu')
+    cfg = ablation.resolve(ablation.AblationConfig(gpu=True, amp='off'))
+    assert (cfg.device, cfg.amp, cfg.img_size, cfg.patch_size, cfg.arch) == ('cuda', 'off', 224, 16, 'vit_small')
+    with pytest.raises(ValueError, match='no_cls'):
+        ablation.resolve(ablation.AblationConfig(variants='full,no_cls'))
+
+
+def _finetune_recipe(command):
+    """A fine-tuning command without the flags that may differ between runs."""
+    out, skip = [], False
+    for a in command:
+        if not skip and a not in ('--seed', '--pretrained', '--output_dir'):
+            out.append(a)
+        skip = a in ('--seed', '--pretrained', '--output_dir')
+    return out
+
+
+def test_smoke_run_end_to_end_then_skips(tmp_path):  # 11 stage processes: ~30 s on 2 idle cores
+    """--smoke: data, four pretrainings, seven fine-tunings (two seeds of scratch and full) and the mean hand,
+    each stage one step; table, JSON and plot hold every variant. The same command again runs nothing."""
+    argv = [sys.executable, os.path.join(ROOT, 'scripts', 'ablation.py'), '--smoke', '--seeds', '2', '--threads', '1',
+            '--out', 'out', '--table', 'report/ablation.md', '--json', 'report/ablation.json',
+            '--plot', 'report/ablation.png']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    first = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    counts = dict(COUNTS, scratch=2, full=2)
+    lines = [line for line in first.stdout.splitlines() if re.match(r'\S+ +PA-MPJPE ', line)]  # one per run
+    assert len(lines) == sum(counts.values()) and not any('done before' in line for line in lines)
+
+    report = tmp_path / 'report'
+    text = (report / 'ablation.md').read_text()
+    results = json.loads((report / 'ablation.json').read_text())
+    for variant, label in ablation.LABELS.items():
+        assert f'| {label} |' in text
+        runs = [r for r in results['runs'] if r['variant'] == variant]
+        assert len(runs) == counts[variant]
+        for r in runs:
+            assert all(math.isfinite(r['metrics'][k]) for k in KEYS) and 0 < r['metrics']['pa_mpvpe_mm'] < 100
+            assert {'pa_mpjpe', 'pa_mpvpe', 'pa_f5', 'pa_f15', 'mpjpe'} <= set(r['scores'])  # all of evaluate.score
+    finetuned = [r for r in results['runs'] if r['variant'] != 'mean_hand']
+    assert len({json.dumps(_finetune_recipe(r['config']['finetune'])) for r in finetuned}) == 1  # equal budget
+    assert all(r['steps'] == 1 for r in finetuned) and results['meta']['finetune_steps'] == [1]
+    assert sorted(p['variant'] for p in results['pretraining']) == ['full', 'no_mim', 'no_pix', 'no_pka']
+    assert str(tmp_path) not in (report / 'ablation.json').read_text()  # paths stored as $OUT/...
+    with Image.open(report / 'ablation.png') as img:
+        assert img.size == (800, 450)
+    labelled = tmp_path / 'out' / 'labelled'
+    assert len(json.loads((labelled / 'training_K.json').read_text())) == 12
+    assert len(os.listdir(labelled / 'training' / 'rgb')) == 12
+
+    logs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'out' / 'logs').iterdir()}
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = [line for line in again.stdout.splitlines() if line.endswith('(done before)')]
+    assert len(lines) == sum(counts.values()) + 4  # every fine-tuning run, the mean hand, four pretrainings
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'out' / 'logs').iterdir()} == logs  # nothing ran
+    assert (report / 'ablation.md').read_text() == text
