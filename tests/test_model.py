@@ -476,3 +476,63 @@ def test_model_summary_counts_matmul_flops():
     per_block = 2 * T * (3 * D * D + D * D + 8 * D * D) + 4 * T * T * D
     assert info['flops'] == 2 * N * D * 3 * p * p + 3 * per_block
     assert info['params'] == sum(t.numel() for t in vit.state_dict().values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sin-cos position embedding (the ViT's starting position embedding)
+
+def test_sincos_pos_embed_matches_numpy_formula():
+    """Against a per-element transcription of MAE's get_2d_sincos_pos_embed: column then row,
+    each sin block then cos block, frequencies 1/10000^(k/(D/4)), zero [CLS] slot."""
+    import numpy as np
+    D, h, w = 16, 3, 5
+    got = M.sincos_pos_embed(D, (h, w))[0].numpy()
+    assert got.shape == (1 + h * w, D) and not got[0].any()
+    want = np.zeros((h * w, D))
+    for r in range(h):
+        for c in range(w):
+            for k in range(D // 4):
+                om = 1.0 / 10000 ** (k / (D // 4))
+                want[r * w + c, [k, D // 4 + k, D // 2 + k, 3 * D // 4 + k]] = (
+                    math.sin(c * om), math.cos(c * om), math.sin(r * om), math.cos(r * om))
+    np.testing.assert_allclose(got[1:], want, atol=1e-6)
+    # every patch gets its own code, and the ViT starts from it (learnable)
+    assert len({tuple(np.round(v, 5)) for v in got[1:]}) == h * w
+    vit = M.vit_tiny(img_size=64, patch_size=16, depth=1)
+    torch.testing.assert_close(vit.pos_embed.data, M.sincos_pos_embed(192, 4))
+    assert vit.pos_embed.requires_grad
+    with pytest.raises(ValueError, match='divisible by 4'):
+        M.sincos_pos_embed(18, 2)
+
+
+def _bright_square_error(pos_init, steps=250, seed=0):
+    """Train a 4-block ViT-Ti for `steps` AdamW steps to read where a bright 12 px square sits in a
+    64 px noise image from its [CLS] token; returns the L1 error of the last 50 steps / chance's."""
+    torch.manual_seed(seed)
+    vit, head = M.vit_tiny(img_size=64, patch_size=8, depth=4), torch.nn.Linear(192, 2)
+    if pos_init == 'trunc_normal':
+        torch.nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=5e-4)
+    errors, chance = [], []
+    for step in range(steps):
+        x = torch.randn(32, 3, 64, 64) * 0.3
+        xy = torch.randint(8, 56, (32, 2))
+        for i, (cx, cy) in enumerate(xy.tolist()):
+            x[i, :, cy - 6:cy + 6, cx - 6:cx + 6] += 2.0
+        target = xy / 32.0 - 1
+        err = (head(vit(x)[:, 0]) - target).abs().mean()
+        opt.zero_grad()
+        err.backward()
+        opt.step()
+        if step >= steps - 50:
+            errors.append(err.item())
+            chance.append((target - target.mean(0)).abs().mean().item())
+    return sum(errors) / sum(chance)
+
+
+@pytest.mark.slow
+def test_sincos_start_learns_positions_where_trunc_normal_does_not():
+    """The reason for the sin-cos start (measured, ~1 min): in 250 steps the sin-cos ViT locates the
+    square far better than chance while the trunc_normal(0.02) start is still at chance."""
+    assert _bright_square_error('sincos') < 0.5
+    assert _bright_square_error('trunc_normal') > 0.8
