@@ -15,7 +15,7 @@ Each pretraining variant is pretrained once (seed 0); finetune.py keeps the epoc
 held-out part of the labelled set (best.pth), which is what gets scored.
 
 Run (from the repository root):
-    python scripts/ablation.py                # CPU sizes (PROFILES['cpu']), meant for ~2 hours on 2 cores (untimed)
+    python scripts/ablation.py                # CPU sizes (PROFILES['cpu']), 60 min on 2 cores (the README's table)
     python scripts/ablation.py --gpu          # one GPU: cuda, bf16, 224 px ViT-S/16, larger sets (PROFILES['gpu'])
     python scripts/ablation.py --smoke --out runs/smoke --table runs/smoke/ablation.md \
         --json runs/smoke/ablation.json --plot runs/smoke/ablation.png   # ~30 s: 24 images, one step per stage

@@ -556,10 +556,12 @@ def test_overfits_one_batch():
     first, last = history[0], history[-1]
     assert last['pix'] < 0.8 * first['pix'] and last['pka'] < 0.5 * first['pka']
     # The cross-entropies are bounded below by the teacher's entropy, which centring raises while
-    # the student learns: the patch loss falls less, and for [CLS] the part the student controls,
-    # the KL divergence (cross-entropy - teacher entropy), must shrink.
-    assert last['mim'] < 0.9 * first['mim']
+    # the student learns (and the sin-cos position start makes the patch targets partly predictable
+    # from position alone, so the patch loss may even start below its later floor): the part the
+    # student controls, the KL divergence (cross-entropy - teacher entropy), must shrink.
+    assert last['mim'] - last['t_patch_entropy'] < 0.7 * (first['mim'] - first['t_patch_entropy'])
     assert last['cls'] - last['t_entropy'] < 0.5 * (first['cls'] - first['t_entropy'])
+    assert 0 <= last['t_patch_entropy'] <= last['mim']
 
 
 def test_default_local_size_is_whole_patches_and_at_least_one():
