@@ -11,7 +11,7 @@
    next to the error of keypoints that would not move at all, for the trained and an untrained
    teacher.
 
-Run:  python scripts/pretrain_signs.py --out runs/signs            (about 15-30 min on 2 CPU cores)
+Run:  python scripts/pretrain_signs.py --out runs/signs            (about 2 minutes on 2 CPU cores)
 """
 import argparse
 import json
