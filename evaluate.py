@@ -256,7 +256,7 @@ def _check_sets(xyz, verts, what):
             raise ValueError(f'{what}: {bad.sum()} samples have NaN/inf {name} (first: sample {bad.argmax()})')
 
 
-def _write_atomic(path, data, zip_member=None):
+def write_atomic(path, data, zip_member=None):
     """Write `data` (str or bytes) to `path`, or as `zip_member` of a zip archive at `path`, through a
     temporary file and os.replace, so a failure never leaves a partial file or clobbers an old one."""
     tmp = f'{path}.tmp{os.getpid()}'
@@ -298,8 +298,8 @@ def write_submission(xyz, verts, out_dir, layout='freihand', root=None):
     text = json.dumps([np.round(xyz, 9).tolist(), np.round(verts, 9).tolist()])
     os.makedirs(out_dir, exist_ok=True)
     json_path, zip_path = os.path.join(out_dir, 'pred.json'), os.path.join(out_dir, 'pred.zip')
-    _write_atomic(json_path, text)
-    _write_atomic(zip_path, text, zip_member='pred.json')                       # = `zip -j pred.zip pred.json`
+    write_atomic(json_path, text)
+    write_atomic(zip_path, text, zip_member='pred.json')                       # = `zip -j pred.zip pred.json`
     return json_path
 
 
@@ -526,12 +526,12 @@ def save_hand(stem, png, res, faces):
     os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(png).save(buf, format='PNG')
-    _write_atomic(stem + '.png', buf.getvalue())
+    write_atomic(stem + '.png', buf.getvalue())
     # A mirrored mesh is inside out: reversing each face's winding makes its normals point outward again.
-    _write_atomic(stem + '.obj', obj_text(res['vertices'], faces[:, ::-1] if res['left'] else faces))
+    write_atomic(stem + '.obj', obj_text(res['vertices'], faces[:, ::-1] if res['left'] else faces))
     buf = io.BytesIO()
     np.savez(buf, **{k: res[k] for k in DEMO_KEYS})
-    _write_atomic(stem + '.npz', buf.getvalue())
+    write_atomic(stem + '.npz', buf.getvalue())
 
 
 def _demo_device(name):
@@ -564,7 +564,7 @@ def run_demo(cfg):
         raise ValueError(f'{cfg.checkpoint} is not a usable finetune.py checkpoint ({type(e).__name__}: {e})') from None
     S, faces = model.vit.img_size, model.mano.faces.cpu().numpy()
     os.makedirs(cfg.out, exist_ok=True)  # only now: a bad checkpoint or folder leaves nothing behind
-    _write_atomic(os.path.join(cfg.out, 'demo_config.json'), json.dumps(dict(asdict(cfg), network=net_cfg), indent=1))
+    write_atomic(os.path.join(cfg.out, 'demo_config.json'), json.dumps(dict(asdict(cfg), network=net_cfg), indent=1))
     written, skipped, degenerate = 0, 0, 0
     for path, name in zip(tqdm(paths, desc='demo', unit='img'), _output_names(paths, cfg.images)):
         image = load_rgb(path)
@@ -627,7 +627,7 @@ def run_score(cfg):
     result = dict(config=asdict(cfg), layout=layout, num_samples=n, metrics=_nan_to_none(metrics),
                   official=official_scores(metrics, layout))   # the config is saved here, not beside pred.json
     out = os.path.join(os.path.dirname(os.path.abspath(pred)), 'scores.json')
-    _write_atomic(out, json.dumps(result, indent=1))
+    write_atomic(out, json.dumps(result, indent=1))
     print(f'scores written to {out}')
     return result
 

@@ -627,10 +627,9 @@ def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
     p = torch.cat(t_cls_probs).detach()                                        # (2B, C)
     stats = dict(t_entropy=float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean()),
                  kp_spread=float(t_kp[0].std(0).mean()) if len(t_kp[0]) > 1 else 0.0)
-    if cfg.w_mim:  # the MIM loss's floor: the teacher's own patch entropy, averaged as mim_loss averages
-        entropy = [-(t * t.clamp(min=1e-12).log()).sum(-1).detach() for t in t_patch]  # 2 x (B, N)
-        stats['t_patch_entropy'] = float(sum((e * m).sum(-1).div(m.sum(-1).clamp(min=1.0)).mean()
-                                             for e, m in zip(entropy, masks.float().chunk(2))) / 2)
+    if cfg.w_mim:  # the MIM loss's floor: mim_loss of the teacher against itself, i.e. its patch entropy
+        log_t = [t.detach().clamp(min=1e-12).log() for t in t_patch]   # log-probs as logits at temperature 1
+        stats['t_patch_entropy'] = float(mim_loss(log_t, t_patch, list(masks.chunk(2)), 1.0))
     return total, parts, stats, t_logits
 
 

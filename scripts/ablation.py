@@ -159,11 +159,9 @@ def read_json(path, default=None):
 
 
 def write_json(obj, path):
-    """Through a temporary file: an interrupted write never leaves a half result that would be skipped."""
+    """Atomically (evaluate.write_atomic): an interrupted write never leaves a half result that would be skipped."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
+    evaluate.write_atomic(path, json.dumps(obj, indent=1))
 
 
 def link_or_copy(src, dst):

@@ -294,14 +294,6 @@ def table(results):
     return '\n'.join(lines)
 
 
-def write_json(obj, path):
-    """json.dump via a temporary file + os.replace: a reader never sees a half-written file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     cfg = P.config_from_cli(BenchConfig, argv)
     sections = [s for s in cfg.only.split(',') if s] or list(SECTIONS)
@@ -333,7 +325,7 @@ def main(argv=None):
                 results[section] = fn(cfg, device, tmp)
             print(f'{section}: done in {time.perf_counter() - tic:.1f} s', flush=True)
     print(table(results))
-    write_json(results, cfg.out)
+    evaluate.write_atomic(cfg.out, json.dumps(results, indent=1))
     print(f'results written to {cfg.out}')
     return results
 
