@@ -626,7 +626,7 @@ def run_score(cfg):
     print(f'{n} samples, {layout} layout\n' + format_table(metrics))
     result = dict(config=asdict(cfg), layout=layout, num_samples=n, metrics=_nan_to_none(metrics),
                   official=official_scores(metrics, layout))   # the config is saved here, not beside pred.json
-    out = os.path.join(os.path.dirname(os.path.abspath(pred)), 'scores.json')
+    out = os.path.join(os.path.dirname(pred), 'scores.json')  # beside pred.json, as the user named it
     write_atomic(out, json.dumps(result, indent=1))
     print(f'scores written to {out}')
     return result

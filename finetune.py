@@ -8,9 +8,11 @@ Every regressor iteration is supervised (PyMAF-X, SUPV_LAST False):
         + w_j2d L1(2D joints, normalized crop coords) + w_rot MSE(16 rotation matrices) + w_beta MSE(betas)
         + w_hand L1(vertices in the hand frame: root-relative, global rotation undone),
 the last three only on samples with MANO labels. The hand-frame term is the finger pose and shape error
-alone (what the Procrustes-aligned metrics score); it is logged even at its default weight 0, to show
-whether the fingers learn while the orientation terms dominate the loss. Optimisation as MAE fine-tuning (main_finetune.py):
-AdamW, lr = blr * global batch / 256, layer-wise lr decay, linear warm-up + cosine, drop path.
+alone (what the Procrustes-aligned metrics score); it is logged even at its default weight 0 (PyMAF has
+no such term), to show whether the fingers learn while the orientation terms dominate the loss; the short
+CPU quick start turns it on (--w_hand 5), which speeds up the fingers. Optimisation as MAE fine-tuning
+(main_finetune.py): AdamW, lr = blr * global batch / 256, layer-wise lr decay, linear warm-up + cosine,
+drop path.
 A held-out part of the TRAINING set (--val_fraction; never the evaluation split) is scored with
 PA-MPJPE / PA-MPVPE after every epoch. Loss weights are our choice (the paper does not give them).
 
@@ -44,7 +46,7 @@ from pretrain import (NonFiniteGuard, StopOnSignal, any_rank, autocast, check_sa
                       save_checkpoint, seeded_rngs, setup_distributed, teardown_distributed)
 
 ARCHS = dict(vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base, vit_large=vit_large)
-ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter')  # the shapes of the weights
+ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter', 'head_width')  # the shapes of the weights
 
 
 @dataclass
@@ -63,6 +65,9 @@ class FinetuneConfig:
     img_size: int = option(128, 'input crop side in pixels (paper: 224)')
     patch_size: int = option(16, 'ViT patch size')
     n_iter: int = option(3, 'PyMAF regressor iterations')
+    head_width: int = option(256, 'channels of the first deconvolution level, halved at each next one (PyMAF: 256); '
+                                 'at 64 px the 256/128/64 pyramid costs twice the ViT-Tiny, so the CPU quick start '
+                                 'uses 64')
     drop_path: float = option(0.1, 'ViT stochastic depth rate (MAE fine-tuning: 0.1)')
     # Optimisation (MAE fine-tuning recipe) and loss weights (ours: the paper gives none)
     epochs: int = option(30, 'training epochs')
@@ -104,7 +109,9 @@ def build_model(cfg, mano):
     kw = dict(img_size=cfg['img_size'], patch_size=cfg['patch_size'], drop_path=cfg.get('drop_path', 0.0))
     if cfg.get('depth') is not None:
         kw['depth'] = cfg['depth']
-    return MeshRegressor(ARCHS[cfg['arch']](**kw), mano, n_iter=cfg['n_iter'])
+    width = cfg.get('head_width', 256)  # absent from checkpoints written before the option existed
+    deconv_dims = [max(width >> i, 16) for i in range(cfg['n_iter'])]
+    return MeshRegressor(ARCHS[cfg['arch']](**kw), mano, n_iter=cfg['n_iter'], deconv_dims=deconv_dims)
 
 
 def load_pretrained(vit, path, key='teacher'):

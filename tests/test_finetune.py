@@ -303,6 +303,17 @@ def test_train_resume_is_exact_and_checkpoint_predicts(synth_set, tmp_path):
     assert (uvw[..., :2] / uvw[..., 2:] - uv).norm(dim=-1).mean() < 0.05 * S
 
 
+def test_head_width_sets_the_deconv_pyramid(mano):
+    """--head_width w: deconvolution levels of w, w/2, w/4 channels; a config without the field (a checkpoint
+    written before it existed) rebuilds PyMAF's 256/128/64."""
+    cfg = dict(arch='vit_tiny', depth=1, img_size=32, patch_size=8, n_iter=3)
+    channels = lambda m: [block[0].out_channels for block in m.deconv]
+    assert channels(finetune.build_model(dict(cfg, head_width=64), mano)) == [64, 32, 16]
+    assert channels(finetune.build_model(cfg, mano)) == [256, 128, 64]
+    model = finetune.build_model(dict(cfg, head_width=32), mano)
+    assert [o['vertices'].shape for o in model(torch.zeros(2, 3, 32, 32))] == [(2, mano.num_verts, 3)] * 3
+
+
 def test_cli_bad_input_exits_with_a_message(synth_set, tmp_path, capsys):
     out = tmp_path / 'run'
     assert finetune.main(['--data', str(tmp_path / 'nowhere'), '--output_dir', str(out)]) == 2
