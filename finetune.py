@@ -110,8 +110,7 @@ def build_model(cfg, mano):
     if cfg.get('depth') is not None:
         kw['depth'] = cfg['depth']
     width = cfg.get('head_width', 256)  # absent from checkpoints written before the option existed
-    deconv_dims = [max(width >> i, 16) for i in range(cfg['n_iter'])]
-    return MeshRegressor(ARCHS[cfg['arch']](**kw), mano, n_iter=cfg['n_iter'], deconv_dims=deconv_dims)
+    return MeshRegressor(ARCHS[cfg['arch']](**kw), mano, n_iter=cfg['n_iter'], deconv_width=width)
 
 
 def load_pretrained(vit, path, key='teacher'):

@@ -438,8 +438,9 @@ class MeshRegressor(nn.Module):
 
     1. Patch tokens become a (B, D, h, w) map; one 2x deconv block per iteration builds a pyramid
        (h -> 2h -> 4h -> 8h; 28, 56, 112 for ViT/16 at 224 px, one octave finer than PyMAF's
-       ResNet 14, 28, 56 since a ViT starts at stride 16). Channels halve per level (256, 128, 64)
-       instead of PyMAF's constant 256, which at 112 x 112 would cost more than a ViT-S.
+       ResNet 14, 28, 56 since a ViT starts at stride 16). Channels halve per level from
+       `deconv_width` (256, 128, 64) instead of PyMAF's constant 256, which at 112 x 112 would cost more
+       than a ViT-S; `deconv_dims` sets each level's channels explicitly.
     2. Iteration 1 samples a grid_size^2 grid (cell centres); iterations 2.. sample mesh-aligned
        features at `n_points` farthest-point-sampled vertices of the previous (detached) mesh,
        projected with the previous (detached) camera (PyMAF-X uses 195 MANO points).
@@ -451,10 +452,10 @@ class MeshRegressor(nn.Module):
     with s0 that filling scale, so all residuals are O(1) (PyMAF-X rescales by a fixed 10 instead).
     """
 
-    def __init__(self, vit, mano, n_iter=3, deconv_dims=None, grid_size=21, n_points=195,
+    def __init__(self, vit, mano, n_iter=3, deconv_width=256, deconv_dims=None, grid_size=21, n_points=195,
                  point_dims=(128, 64, 5), hidden_dim=1024, dropout=0.0, init_fill=0.7):
         super().__init__()
-        deconv_dims = tuple(deconv_dims or (max(256 >> i, 32) for i in range(n_iter)))
+        deconv_dims = tuple(deconv_dims or (max(deconv_width >> i, 16) for i in range(n_iter)))
         if len(deconv_dims) != n_iter:
             raise ValueError(f'need one deconv level per iteration: {deconv_dims} for {n_iter}')
         self.vit, self.mano, self.n_iter = vit, mano, n_iter
