@@ -44,8 +44,11 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from data import resolve_mano
+from engine import (as_f64, atomic_open, autocast, config_from_cli, load_checkpoint, procrustes, procrustes_params,
+                    read_json, write_atomic)
 from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND, matrix_to_axis_angle
-from pretrain import config_from_cli
+from model import build_regressor, camera_translation
 
 F_THRESHOLDS = (0.005, 0.015)     # metres: the official `f_threshs`
 AUC_RANGE = (0.0, 0.05, 100)      # metres: the official `get_measures(0.0, 0.05, 100)`
@@ -57,39 +60,6 @@ LAYOUTS = ('freihand', 'ho3d')
 # ----------------------------------------------------------------------------------------------------
 # METRICS (pure functions, metres)
 
-def _as_f64(x):
-    """An array-like or (any-device) torch tensor as a float64 numpy array (no copy if it is one)."""
-    if torch.is_tensor(x):
-        x = x.detach().cpu()
-    return np.asarray(x, dtype=np.float64)
-
-
-def _procrustes_params(pred, gt):
-    """Batched `align_w_scale` pieces: (pred_n, R, s, gt_norm, gt_mean, pred_mean) for torch (B,N,3)."""
-    gt_mean, pred_mean = gt.mean(1, keepdim=True), pred.mean(1, keepdim=True)   # (B, 1, 3)
-    gt_c, pred_c = gt - gt_mean, pred - pred_mean
-    gt_norm = gt_c.flatten(1).norm(dim=1)[:, None, None] + 1e-8                 # (B, 1, 1) Frobenius
-    pred_norm = pred_c.flatten(1).norm(dim=1)[:, None, None] + 1e-8
-    gt_n, pred_n = gt_c / gt_norm, pred_c / pred_norm
-    # scipy.linalg.orthogonal_procrustes(gt_n, pred_n): U W V^T = svd(gt_n^T pred_n), R = U V^T minimises
-    # ||gt_n R - pred_n||, scale = sum(W). No sign fix on the last singular vector: R may be a reflection.
-    U, W, Vh = torch.linalg.svd(gt_n.transpose(1, 2) @ pred_n)                  # (B, 3, 3), (B, 3)
-    return pred_n, U @ Vh, W.sum(-1)[:, None, None], gt_norm, gt_mean, pred_mean
-
-
-def procrustes(pred, gt):
-    """Similarity-align `pred` (B,N,3) to `gt` (B,N,3) exactly as the official `align_w_scale`.
-
-    Works on numpy arrays (float64, returns numpy) and on torch tensors (any device/float dtype,
-    returns a tensor: finetune.py uses it for its validation PA-MPVPE)."""
-    is_numpy = not torch.is_tensor(pred)
-    P = torch.from_numpy(_as_f64(pred)) if is_numpy else pred
-    G = torch.as_tensor(_as_f64(gt) if is_numpy else gt, dtype=P.dtype, device=P.device)
-    pred_n, R, s, gt_norm, gt_mean, _ = _procrustes_params(P, G)
-    aligned = (pred_n @ R.transpose(1, 2)) * s * gt_norm + gt_mean              # (B, N, 3)
-    return aligned.numpy() if is_numpy else aligned
-
-
 def _align_by_keypoint_transform(verts, pred_xyz, gt_xyz):
     """Official `align_by_trafo`: vertices aligned with the transform estimated from the joints.
 
@@ -97,7 +67,7 @@ def _align_by_keypoint_transform(verts, pred_xyz, gt_xyz):
     (it then also skips the mesh errors). Replicated verbatim, quirks included: it computes
         (v - mean(v)) R^T s |gt_xyz_c| + mean(gt_xyz) - mean(pred_xyz) + mean(v)
     where the joint transform would be (v - mean(pred_xyz)) / |pred_xyz_c| R^T s |gt_xyz_c| + mean(gt_xyz)."""
-    _, R, s, gt_norm, gt_mean, pred_mean = _procrustes_params(*map(torch.from_numpy, (pred_xyz, gt_xyz)))
+    _, R, s, gt_norm, gt_mean, pred_mean = procrustes_params(*map(torch.from_numpy, (pred_xyz, gt_xyz)))
     v = torch.from_numpy(verts)
     v_mean = v.mean(1, keepdim=True)
     return ((v - v_mean) @ R.transpose(1, 2) * s * gt_norm + (gt_mean - pred_mean) + v_mean).numpy()
@@ -168,8 +138,8 @@ def f_score(pred, gt, thresh=F_THRESHOLDS):
     t = np.asarray(thresh, dtype=np.float64)
     ts = np.atleast_1d(t)                                                       # (T,)
     bound = 1.5 * ts.max()        # any bound above the largest threshold keeps every `d < t` exact; tight prunes
-    d_gt = nn_distances(_as_f64(gt), _as_f64(pred), bound)       # official d1: GT point -> nearest prediction
-    d_pred = nn_distances(_as_f64(pred), _as_f64(gt), bound)     # official d2: prediction -> nearest GT point
+    d_gt = nn_distances(as_f64(gt), as_f64(pred), bound)       # official d1: GT point -> nearest prediction
+    d_pred = nn_distances(as_f64(pred), as_f64(gt), bound)     # official d2: prediction -> nearest GT point
     recall = (d_pred[..., None] < ts).mean(1)  # (B, T); the official names are swapped w.r.t. the usual ones,
     precision = (d_gt[..., None] < ts).mean(1)  # harmless since F is symmetric in P and R
     denom = recall + precision
@@ -184,7 +154,7 @@ def score(pred_xyz, pred_verts, gt_xyz, gt_verts, f_thresholds=F_THRESHOLDS):
     scale-translation alignment. pred_xyz/gt_xyz (B,21,3); pred_verts (B,V',3), gt_verts (B,V,3). If
     V' != V it behaves as the official scorer: vertices aligned with the joints' transform, and no
     mesh errors (NaN here)."""
-    pred_xyz, pred_verts, gt_xyz, gt_verts = (_as_f64(x) for x in (pred_xyz, pred_verts, gt_xyz, gt_verts))
+    pred_xyz, pred_verts, gt_xyz, gt_verts = (as_f64(x) for x in (pred_xyz, pred_verts, gt_xyz, gt_verts))
     same_mesh = pred_verts.shape[1] == gt_verts.shape[1]
     xyz_pa = procrustes(pred_xyz, gt_xyz)
     verts_pa = (procrustes(pred_verts, gt_verts) if same_mesh
@@ -256,23 +226,6 @@ def _check_sets(xyz, verts, what):
             raise ValueError(f'{what}: {bad.sum()} samples have NaN/inf {name} (first: sample {bad.argmax()})')
 
 
-def write_atomic(path, data, zip_member=None):
-    """Write `data` (str or bytes) to `path`, or as `zip_member` of a zip archive at `path`, through a
-    temporary file and os.replace, so a failure never leaves a partial file or clobbers an old one."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        if zip_member:
-            with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
-                z.writestr(zip_member, data)
-        else:
-            with open(tmp, 'wb') as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_submission(xyz, verts, out_dir, layout='freihand', root=None):
     """Write the official `pred.json` = [xyz_list, verts_list] (metres) and `pred.zip` into `out_dir`.
 
@@ -282,10 +235,10 @@ def write_submission(xyz, verts, out_dir, layout='freihand', root=None):
     split has 3960 samples, HO3Dv2's 11524, in the order of the split. Returns the path of pred.json."""
     if layout not in LAYOUTS:
         raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
-    xyz, verts = _as_f64(xyz), _as_f64(verts)
+    xyz, verts = as_f64(xyz), as_f64(verts)
     _check_sets(xyz, verts, 'write_submission')
     if root is not None:
-        shift = _as_f64(root).reshape(-1, 1, 3) - xyz[:, :1]                    # (B, 1, 3)
+        shift = as_f64(root).reshape(-1, 1, 3) - xyz[:, :1]                    # (B, 1, 3)
         xyz, verts = xyz + shift, verts + shift
     xyz, verts = to_layout(xyz, verts, layout)
     if layout == 'ho3d':   # the check of HO3D's pred.py: hands are in front of an OpenGL camera (z < 0)
@@ -299,25 +252,9 @@ def write_submission(xyz, verts, out_dir, layout='freihand', root=None):
     os.makedirs(out_dir, exist_ok=True)
     json_path, zip_path = os.path.join(out_dir, 'pred.json'), os.path.join(out_dir, 'pred.zip')
     write_atomic(json_path, text)
-    write_atomic(zip_path, text, zip_member='pred.json')                       # = `zip -j pred.zip pred.json`
+    with atomic_open(zip_path) as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_DEFLATED) as z:
+        z.writestr('pred.json', text)                                          # = `zip -j pred.zip pred.json`
     return json_path
-
-
-def _read_json(path):
-    """Parse a .json file, or the .json inside a .zip; clear errors for anything else."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} does not exist')
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = [n for n in z.namelist() if n.endswith('.json')]
-                if len(names) != 1:
-                    raise ValueError(f'{path}: expected exactly one .json file inside the zip, found {names}')
-                return json.loads(z.read(names[0]))
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile) as e:
-        raise ValueError(f'{path} is not valid JSON ({type(e).__name__}: {e})') from None
 
 
 def _to_array(lists, what):
@@ -330,7 +267,7 @@ def _to_array(lists, what):
 
 def load_prediction(path):
     """pred.json / pred.zip -> (xyz (B,21,3), verts (B,V,3)) as stored in the file (no conversion)."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list) or len(data) != 2:
         raise ValueError(f'{path}: expected the official format [xyz_list, verts_list], got a '
                          f'{type(data).__name__}' + (f' of length {len(data)}' if isinstance(data, list) else ''))
@@ -356,7 +293,7 @@ def load_ground_truth(gt_dir, layout):
             raise FileNotFoundError(f'ground truth file {path} is missing: a {layout} evaluation folder needs '
                                     f'evaluation_xyz.json and evaluation_verts.json (lists of per-sample '
                                     f'point lists in metres)')
-        arrays.append(_to_array(_read_json(path), path))
+        arrays.append(_to_array(read_json(path), path))
     _check_sets(arrays[0], arrays[1], f'ground truth in {gt_dir}')
     return arrays[0], arrays[1]
 
@@ -388,6 +325,42 @@ def format_table(m):
 
 
 # ----------------------------------------------------------------------------------------------------
+# INFERENCE: a fine-tuned network (finetune.py's best.pth or checkpoint.pth) and its camera-frame meshes
+
+def load_finetuned(path, device='cpu', mano=None):
+    """(model in eval mode, config dict) from a finetune.py checkpoint.pth or best.pth. `mano` overrides
+    the MANO model stored in the config (e.g. MANO_RIGHT.pkl at another path on this machine)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.get('config')
+    if not isinstance(ckpt.get('model'), dict) or not isinstance(cfg, dict) or 'n_iter' not in cfg:
+        raise ValueError(f'{path} is not a finetune.py checkpoint (expected "model" and a "config" with the '
+                         f'regressor settings; found keys {sorted(ckpt)[:6]})')
+    model = build_regressor(cfg, resolve_mano(mano or cfg['mano'], cfg.get('data')))
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:  # a MANO model with another vertex count, or edited weights
+        raise ValueError(f'{path} does not fit the network its config describes: {str(e)[:300]}') from None
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def predict(model, loader, device='cpu', amp='off'):
+    """Camera-frame predictions of the last iteration in the loader's order -> (xyz (N, J, 3), verts
+    (N, V, 3)) float32 numpy arrays in metres: the MANO-frame mesh moved by `model.camera_translation`."""
+    from tqdm import tqdm
+    model.eval()
+    xyz, verts = [], []
+    for batch in tqdm(loader, desc='predict', leave=False):
+        images, K = batch['image'].to(device), batch['K'].to(device).float()
+        with autocast(device, amp):
+            out = model(images)[-1]
+        T = camera_translation(out['cam'].float(), K, images.shape[-1])[:, None]  # (B, 1, 3)
+        xyz.append((out['joints'].float() + T).cpu())
+        verts.append((out['vertices'].float() + T).cpu())
+    return torch.cat(xyz).numpy(), torch.cat(verts).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
 # DEMO: a fine-tuned network on a folder of hand crops -> overlay PNG, OBJ mesh, MANO parameters (.npz)
 #
 # Each image is taken to be a hand crop (as FreiHAND's are): its centred square of side L = min(width,
@@ -396,7 +369,7 @@ def format_table(m):
 # image has no calibration, so the crop's pinhole camera is ASSUMED: focal f = focal x S (--focal, in
 # units of the crop side; 2.34 = 525 px on a 224 px crop, the middle of FreiHAND's range as data.py's
 # synthetic sets use it), principal point at the crop centre (S - 1)/2. The same camera in the pixels of
-# the input image is A^-1 K. `finetune.camera_translation` turns the regressor's weak-perspective camera
+# the input image is A^-1 K. `model.camera_translation` turns the regressor's weak-perspective camera
 # into the translation that puts the mesh in that camera's frame; its depth is only as right as the
 # focal length is (a wrong focal scales the depth, the 2D overlay stays where the network put it).
 #
@@ -485,7 +458,6 @@ def predict_hand(model, crop, focal, left=False, device='cpu'):
     first; pose/betas/cam/transl describe that mirrored right hand, joints/vertices the left hand."""
     from PIL import Image
     from data import normalize, to_tensor
-    from finetune import camera_translation
     S = crop.size[0]
     if left:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
@@ -547,7 +519,6 @@ def run_demo(cfg):
     from PIL import Image
     from tqdm import tqdm
     from data import _show, find_images, load_rgb
-    from finetune import load_finetuned  # here, not at the top: scoring needs none of the training code
     if not cfg.checkpoint or not cfg.out:
         raise ValueError('the demo needs --images DIR --checkpoint CKPT --out DIR')
     if cfg.focal <= 0 or cfg.overlay_size < 16:

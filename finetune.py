@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of ViT + PyMAF mesh regressor on MANO labels (SPEC.md section 7).
+"""Supervised fine-tuning of ViT + PyMAF mesh regressor on MANO labels.
 
 The second stage of HandMIM (Liu et al., arXiv 2307.16061): a plain ViT, initialized from HandMIM
 pretraining (or an official MAE / DINO / iBOT / timm checkpoint, or from scratch), carries a PyMAF
@@ -6,48 +6,160 @@ iterative regressor (model.MeshRegressor) that predicts MANO pose, shape and a w
 Every regressor iteration is supervised (PyMAF-X, SUPV_LAST False):
     L = sum over iterations of  w_j3d L1(root-relative 3D joints) + w_v3d L1(root-relative vertices)
         + w_j2d L1(2D joints, normalized crop coords) + w_rot MSE(16 rotation matrices) + w_beta MSE(betas)
-        + w_hand L1(vertices in the hand frame: root-relative, global rotation undone),
-the last three only on samples with MANO labels. The hand-frame term is the finger pose and shape error
-alone (what the Procrustes-aligned metrics score); it is logged even at its default weight 0 (PyMAF has
-no such term), to show whether the fingers learn while the orientation terms dominate the loss; the short
-CPU quick start turns it on (--w_hand 5), which speeds up the fingers. Optimisation as MAE fine-tuning
-(main_finetune.py): AdamW, lr = blr * global batch / 256, layer-wise lr decay, linear warm-up + cosine,
-drop path.
+        + w_hand L1(vertices in the hand frame: root-relative, global rotation undone)
+    + w_heatmap KL(21 joint heat maps on the finest pyramid level),
+the MANO terms only on samples with MANO labels. The hand-frame term is the finger pose and shape error
+alone (what the Procrustes-aligned metrics score; PyMAF has no such term); the heat maps are the hand
+counterpart of PyMAF's auxiliary dense supervision. Optimisation as MAE fine-tuning (main_finetune.py):
+AdamW, lr = blr * global batch / 256, layer-wise lr decay, linear warm-up + cosine, drop path.
 A held-out part of the TRAINING set (--val_fraction; never the evaluation split) is scored with
 PA-MPJPE / PA-MPVPE after every epoch. Loss weights are our choice (the paper does not give them).
 
-Run:   python finetune.py --data ./hands_synth --pretrained runs/pretrain/backbone.pth --depth 6  (CPU)
+Run:   python finetune.py --data ./hands --pretrained runs/pretrain/backbone.pth --depth 6       (CPU)
        python finetune.py --data FreiHAND_pub_v2 --mano mano/MANO_RIGHT.pkl --arch vit_base --img_size 224 \
            --pretrained mae_pretrain_vit_base.pth --blr 5e-4 --layer_decay 0.65 --device cuda --amp bf16 \
            --batch_size 64 --epochs 100                                        (MAE ViT-B fine-tuning values)
        torchrun --nproc_per_node=4 finetune.py ...                          (DDP; gloo on CPU, NCCL on GPU)
 Outputs in --output_dir: config.json, log.jsonl, checkpoint.pth (every epoch and on Ctrl-C; --resume)
-and best.pth (the epoch with the lowest validation PA-MPVPE). evaluate.py rebuilds the network from
-either with `load_finetuned` and predicts camera-frame meshes with `predict`.
+and best.pth (the epoch with the lowest validation PA-MPVPE), which `python evaluate.py --checkpoint`
+predicts and scores. The plumbing (CLI, schedules, DDP, AMP, checkpoints, the loop) is engine.py's.
 
-Shapes: B batch, J = 21 joints (FreiHAND order), V vertices, S crop side (px).
+Shapes (README legend): B batch, S crop side (px), V vertices, J = 21 joints (FreiHAND order).
 """
 import copy
-import json
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from data import HO3D, FreiHAND
-from mano import MANO, axis_angle_to_matrix
-from model import MeshRegressor, cam_to_translation, vit_base, vit_large, vit_small, vit_tiny
-from pretrain import (NonFiniteGuard, StopOnSignal, any_rank, autocast, check_same_architecture, cosine_schedule,
-                      epoch_keys, load_checkpoint, log_jsonl, make_scaler, option, param_groups, print0, run_cli,
-                      save_checkpoint, seeded_rngs, setup_distributed, teardown_distributed)
+from data import HO3D, FreiHAND, resolve_mano
+from engine import (KeyedSamples, NonFiniteGuard, Progress, autocast, backward_step, check_same_architecture,
+                    cosine_schedule, load_checkpoint, log_jsonl, make_scaler, option, param_groups, prepare_output_dir,
+                    print0, procrustes, run_cli, save_checkpoint, setup_distributed, teardown_distributed,
+                    train_loop, trim_log)
+from mano import axis_angle_to_matrix
+from model import ARCHS, build_regressor
 
-ARCHS = dict(vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base, vit_large=vit_large)
-ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter', 'head_width')  # the shapes of the weights
+# Config fields that shape the weights: a checkpoint must match them to be resumed.
+ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter', 'head_width')
 
+
+# ----------------------------------------------------------------------------------------------------
+# Losses (pure functions)
+
+def masked_mean(per_sample, mask):
+    """Mean of (B,) values over the samples where `mask` is True; 0 (not NaN) when none is."""
+    mask = mask.to(per_sample.dtype)
+    return (per_sample * mask).sum() / mask.sum().clamp(min=1)
+
+
+def heatmap_targets(uv, size, sigma):
+    """Normalized Gaussians (B, J, h, w) centred at map-pixel points uv (B, J, 2) (pixel centres at integers)."""
+    h, w = size
+    ys, xs = torch.arange(h, dtype=uv.dtype, device=uv.device), torch.arange(w, dtype=uv.dtype, device=uv.device)
+    gx = torch.exp(-0.5 * ((xs - uv[..., :1]) / sigma) ** 2)                     # (B, J, w)
+    gy = torch.exp(-0.5 * ((ys - uv[..., 1:]) / sigma) ** 2)                     # (B, J, h)
+    g = gy[..., :, None] * gx[..., None, :]                                       # (B, J, h, w)
+    return g / g.sum((-2, -1), keepdim=True).clamp(min=1e-12)
+
+
+def heatmap_loss(logits, joints2d, crop_size):
+    """KL(target || softmax over the map) per joint, averaged over the joints inside the crop -> ((B,), (B,) has
+    any). logits (B, J, h, w); joints2d (B, J, 2) crop pixels. Target: a Gaussian of sigma = 1/32 of the map side
+    (2 px on a 64 px map, as SimpleBaseline's heat maps) at the joint moved onto the map's pixel grid."""
+    B, J, h, w = logits.shape
+    uv = (joints2d + 0.5) * (torch.tensor([w, h], device=logits.device) / crop_size) - 0.5   # (B, J, 2) map px
+    target = heatmap_targets(uv.float(), (h, w), sigma=w / 32)                  # (B, J, h, w)
+    log_p = logits.float().flatten(2).log_softmax(-1)                            # (B, J, h*w)
+    t = target.flatten(2)
+    kl = (t * (t.clamp(min=1e-12).log() - log_p)).sum(-1)                      # (B, J)
+    inside = ((uv >= -0.5) & (uv <= torch.tensor([w, h], device=uv.device) - 0.5)).all(-1).float()   # (B, J)
+    return (kl * inside).sum(1) / inside.sum(1).clamp(min=1), inside.any(1)
+
+
+def mesh_losses(outputs, batch, weights):
+    """Weighted loss summed over the regressor iterations -> (total, {term: value of the last iteration}).
+
+    3D terms compare wrist-relative joints and vertices (the prediction lives in MANO's frame, the
+    labels in the camera frame); 2D joints are compared in the crop's [-1, 1] coordinates (contract:
+    uv = 2 u / S - 1). A term missing from `weights` is computed and reported, not trained."""
+    B, S = batch['image'].shape[0], batch['image'].shape[-1]
+    root = batch['joints3d'][:, :1]                                   # (B, 1, 3)
+    gt_j3d, gt_v3d = batch['joints3d'] - root, batch['verts'] - root  # (B, J, 3), (B, V, 3)
+    gt_j2d = batch['joints2d'] * (2.0 / S) - 1.0                      # (B, J, 2)
+    gt_rot = axis_angle_to_matrix(batch['pose'].view(B, 16, 3))       # (B, 16, 3, 3)
+    gt_hand = gt_v3d @ gt_rot[:, 0]                                   # (B, V, 3) hand frame
+    has_3d, has_mano = batch['has_3d'], batch['has_mano']
+    has_verts = batch['has_verts'] & has_3d
+    total = 0.0
+    for out in outputs:
+        out = {k: v.float() for k, v in out.items()}  # losses in float32 under AMP
+        pred_root = out['joints'][:, :1]
+        # the hand frame: root-relative, each mesh's own global rotation undone (R^T x = x R)
+        pred_hand = (out['vertices'] - pred_root) @ out['rotmat'][:, 0]        # (B, V, 3)
+        terms = dict(j3d=masked_mean((out['joints'] - pred_root - gt_j3d).abs().mean((1, 2)), has_3d),
+                     hand=masked_mean((pred_hand - gt_hand).abs().mean((1, 2)), has_verts & has_mano),
+                     v3d=masked_mean((out['vertices'] - pred_root - gt_v3d).abs().mean((1, 2)), has_verts),
+                     j2d=masked_mean((out['joints2d'] - gt_j2d).abs().mean((1, 2)), has_3d),
+                     rot=masked_mean((out['rotmat'] - gt_rot).pow(2).mean((1, 2, 3)), has_mano),
+                     beta=masked_mean((out['betas'] - batch['betas']).pow(2).mean(1), has_mano))
+        total = total + sum(weights.get(k, 0.0) * v for k, v in terms.items())  # unweighted: logged only
+    if 'heatmaps' in outputs[-1]:
+        kl, has_any = heatmap_loss(outputs[-1]['heatmaps'], batch['joints2d'], S)
+        terms['heatmap'] = masked_mean(kl, has_3d & has_any)
+        total = total + weights.get('heatmap', 0.0) * terms['heatmap']
+    return total, {k: v.item() for k, v in terms.items()}
+
+
+
+
+def lr_decay_scale(name, num_layers, layer_decay):
+    """MAE's param_groups_lrd: embeddings are layer 0, ViT block i layer i + 1, everything after the
+    blocks (final norm, regressor) layer L + 1; a parameter of layer l trains at lr * decay^(L + 1 - l)."""
+    if name.startswith('vit.blocks.'):
+        layer = int(name.split('.')[2]) + 1
+    elif name.startswith(('vit.cls_token', 'vit.pos_embed', 'vit.mask_token', 'vit.patch_embed')):
+        layer = 0
+    else:
+        layer = num_layers + 1
+    return layer_decay ** (num_layers + 1 - layer)
+
+
+
+
+def load_pretrained(vit, path, key='teacher'):
+    """Initialize `vit` in place from `path` -> (loaded, missing, unexpected) key lists.
+
+    Our backbone.pth is a plain ViT state dict; our pretrain checkpoint.pth holds the teacher under
+    'teacher' and the student under 'model' (both with a 'backbone.' prefix); official files are
+    unwrapped by `ViT.load_pretrained` (containers, prefixes, heads dropped, pos_embed interpolated).
+    A file without ViT weights, or made for a ViT of another width or depth, is a ValueError."""
+    ckpt = load_checkpoint(path)
+    if key == 'student':  # ours keeps the student under 'model', DINO under 'student'
+        ckpt = next((ckpt[k] for k in ('student', 'model') if isinstance(ckpt.get(k), dict)), ckpt)
+    try:
+        loaded, missing, unexpected = vit.load_pretrained(ckpt)
+    except ValueError as e:
+        raise ValueError(f'--pretrained {path}: {e}') from None
+    own = vit.state_dict()
+    wrong = [k for k in unexpected if k in own] + [k for k in missing + unexpected if k.startswith('blocks.')]
+    if wrong:
+        depth = 1 + max((int(k.split('.')[1]) for k in loaded + unexpected if k.startswith('blocks.')), default=-1)
+        raise ValueError(f'--pretrained {path} was made for another ViT ({depth} blocks; mismatched: {wrong[:3]}); '
+                         f'this one has {vit.num_layers} blocks of width {vit.embed_dim}: '
+                         f'pass the --arch and --depth of the pretraining run')
+    if not loaded:
+        raise ValueError(f'--pretrained {path}: no ViT weights under the standard names (cls_token, pos_embed, '
+                         f'blocks.N.*); its keys start with {unexpected[:4]}')
+    return loaded, missing, unexpected
+
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration, data, validation
 
 @dataclass
 class FinetuneConfig:
@@ -87,6 +199,8 @@ class FinetuneConfig:
                                'undone): finger pose error alone')
     w_j2d: float = option(0.1, 'weight of the L1 on 2D joints ([-1, 1] crop coordinates)')
     w_rot: float = option(1.0, 'weight of the MSE on the 16 MANO rotation matrices')
+    w_heatmap: float = option(0.0, 'weight of the auxiliary 2D heat-map loss on the finest pyramid level (KL to a '
+                                   'Gaussian at each joint; PyMAF\'s auxiliary dense supervision); 0 = no heat-map head')
     w_beta: float = option(0.05, 'weight of the MSE on the 10 MANO shape coefficients (keeps the shape '
                                 'plausible: without it the network shrinks hands it cannot orient yet)')
     # Machinery
@@ -101,144 +215,6 @@ class FinetuneConfig:
     resume: str = option('', 'checkpoint.pth to continue from')
 
 
-# ----------------------------------------------------------------------------------------------------
-# The network: building, pretrained initialization, loading a fine-tuned checkpoint (evaluate.py)
-
-def build_model(cfg, mano):
-    """ViT + MeshRegressor from a config dict (the fields of ARCH_FIELDS and drop_path) and a MANO layer."""
-    kw = dict(img_size=cfg['img_size'], patch_size=cfg['patch_size'], drop_path=cfg.get('drop_path', 0.0))
-    if cfg.get('depth') is not None:
-        kw['depth'] = cfg['depth']
-    width = cfg.get('head_width', 256)  # absent from checkpoints written before the option existed
-    return MeshRegressor(ARCHS[cfg['arch']](**kw), mano, n_iter=cfg['n_iter'], deconv_width=width)
-
-
-def load_pretrained(vit, path, key='teacher'):
-    """Initialize `vit` in place from `path` -> (loaded, missing, unexpected) key lists.
-
-    Our backbone.pth is a plain ViT state dict; our pretrain checkpoint.pth holds the teacher under
-    'teacher' and the student under 'model' (both with a 'backbone.' prefix); official files are
-    unwrapped by `ViT.load_pretrained` (containers, prefixes, heads dropped, pos_embed interpolated).
-    A file without ViT weights, or made for a ViT of another width or depth, is a ValueError."""
-    ckpt = load_checkpoint(path)
-    if key == 'student':  # ours keeps the student under 'model', DINO under 'student'
-        ckpt = next((ckpt[k] for k in ('student', 'model') if isinstance(ckpt.get(k), dict)), ckpt)
-    try:
-        loaded, missing, unexpected = vit.load_pretrained(ckpt)
-    except ValueError as e:
-        raise ValueError(f'--pretrained {path}: {e}') from None
-    own = vit.state_dict()
-    wrong = [k for k in unexpected if k in own] + [k for k in missing + unexpected if k.startswith('blocks.')]
-    if wrong:
-        depth = 1 + max((int(k.split('.')[1]) for k in loaded + unexpected if k.startswith('blocks.')), default=-1)
-        raise ValueError(f'--pretrained {path} was made for another ViT ({depth} blocks; mismatched: {wrong[:3]}); '
-                         f'this one has {vit.num_layers} blocks of width {vit.embed_dim}: '
-                         f'pass the --arch and --depth of the pretraining run')
-    if not loaded:
-        raise ValueError(f'--pretrained {path}: no ViT weights under the standard names (cls_token, pos_embed, '
-                         f'blocks.N.*); its keys start with {unexpected[:4]}')
-    return loaded, missing, unexpected
-
-
-def load_finetuned(path, device='cpu', mano=None):
-    """(model in eval mode, config dict) from a finetune.py checkpoint.pth or best.pth. `mano` overrides
-    the MANO model stored in the config (e.g. MANO_RIGHT.pkl at another path on this machine)."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt.get('config')
-    if not isinstance(ckpt.get('model'), dict) or not isinstance(cfg, dict) or 'n_iter' not in cfg:
-        raise ValueError(f'{path} is not a finetune.py checkpoint (expected "model" and a "config" with the '
-                         f'regressor settings; found keys {sorted(ckpt)[:6]})')
-    model = build_model(cfg, MANO(mano or cfg['mano']))
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:  # a MANO model with another vertex count, or edited weights
-        raise ValueError(f'{path} does not fit the network its config describes: {str(e)[:300]}') from None
-    return model.to(device).eval(), cfg
-
-
-# ----------------------------------------------------------------------------------------------------
-# Losses, camera, layer-wise lr decay: pure functions
-
-def masked_mean(per_sample, mask):
-    """Mean of (B,) values over the samples where `mask` is True; 0 (not NaN) when none is."""
-    mask = mask.to(per_sample.dtype)
-    return (per_sample * mask).sum() / mask.sum().clamp(min=1)
-
-
-def mesh_losses(outputs, batch, weights):
-    """Weighted loss summed over the regressor iterations -> (total, {term: value of the last iteration}).
-
-    3D terms compare wrist-relative joints and vertices (the prediction lives in MANO's frame, the
-    labels in the camera frame); 2D joints are compared in the crop's [-1, 1] coordinates (contract:
-    uv = 2 u / S - 1). A term missing from `weights` is computed and reported, not trained."""
-    B, S = batch['image'].shape[0], batch['image'].shape[-1]
-    root = batch['joints3d'][:, :1]                                   # (B, 1, 3)
-    gt_j3d, gt_v3d = batch['joints3d'] - root, batch['verts'] - root  # (B, J, 3), (B, V, 3)
-    gt_j2d = batch['joints2d'] * (2.0 / S) - 1.0                      # (B, J, 2)
-    gt_rot = axis_angle_to_matrix(batch['pose'].view(B, 16, 3))       # (B, 16, 3, 3)
-    gt_hand = gt_v3d @ gt_rot[:, 0]                                   # (B, V, 3) hand frame
-    has_3d, has_mano = batch['has_3d'], batch['has_mano']
-    has_verts = batch['has_verts'] & has_3d
-    total = 0.0
-    for out in outputs:
-        out = {k: v.float() for k, v in out.items()}  # losses in float32 under AMP
-        pred_root = out['joints'][:, :1]
-        # the hand frame: root-relative, each mesh's own global rotation undone (R^T x = x R)
-        pred_hand = (out['vertices'] - pred_root) @ out['rotmat'][:, 0]        # (B, V, 3)
-        terms = dict(j3d=masked_mean((out['joints'] - pred_root - gt_j3d).abs().mean((1, 2)), has_3d),
-                     hand=masked_mean((pred_hand - gt_hand).abs().mean((1, 2)), has_verts & has_mano),
-                     v3d=masked_mean((out['vertices'] - pred_root - gt_v3d).abs().mean((1, 2)), has_verts),
-                     j2d=masked_mean((out['joints2d'] - gt_j2d).abs().mean((1, 2)), has_3d),
-                     rot=masked_mean((out['rotmat'] - gt_rot).pow(2).mean((1, 2, 3)), has_mano),
-                     beta=masked_mean((out['betas'] - batch['betas']).pow(2).mean(1), has_mano))
-        total = total + sum(weights.get(k, 0.0) * v for k, v in terms.items())  # unweighted: logged only
-    return total, {k: v.item() for k, v in terms.items()}
-
-
-def camera_translation(cam, K, crop_size):
-    """Camera-frame translation (B, 3) of the MANO-frame mesh from the weak-perspective camera (B, 3).
-
-    `model.cam_to_translation` gives (tx, ty, 2 f / (s S)) for a principal point at the crop centre
-    S/2; a principal point c elsewhere shifts the projection by (c - S/2) px, undone by
-    (S - 2c) / (s S) in metres. Then points at the reference depth (MANO's Z = 0 plane) project
-    through K exactly where the weak-perspective camera puts them. f = (fx + fy) / 2. The depth is
-    only as good as weak perspective; Procrustes-aligned metrics do not depend on it."""
-    s = cam[:, :1].clamp(min=1e-6)
-    T = cam_to_translation(torch.cat([s, cam[:, 1:]], 1), (K[:, 0, 0] + K[:, 1, 1]) / 2, crop_size)
-    shift = (crop_size - 2 * K[:, :2, 2]) / (s * crop_size)  # (B, 2)
-    return T + torch.cat([shift, torch.zeros_like(s)], 1)
-
-
-def lr_decay_scale(name, num_layers, layer_decay):
-    """MAE's param_groups_lrd: embeddings are layer 0, ViT block i layer i + 1, everything after the
-    blocks (final norm, regressor) layer L + 1; a parameter of layer l trains at lr * decay^(L + 1 - l)."""
-    if name.startswith('vit.blocks.'):
-        layer = int(name.split('.')[2]) + 1
-    elif name.startswith(('vit.cls_token', 'vit.pos_embed', 'vit.mask_token', 'vit.patch_embed')):
-        layer = 0
-    else:
-        layer = num_layers + 1
-    return layer_decay ** (num_layers + 1 - layer)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data, prediction, validation
-
-class KeyedSamples(torch.utils.data.Dataset):
-    """`dataset` indexed by (epoch, index) keys (pretrain.epoch_keys), each sample drawn under RNGs seeded
-    from (seed, epoch, index): its augmentation is a pure function of the key, in any worker, so a
-    resumed run sees exactly the samples an uninterrupted one would."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        with seeded_rngs((self.seed * 1_000_003 + epoch) * 1_000_003 + index):
-            return self.dataset[index]
 
 
 def make_datasets(cfg):
@@ -263,26 +239,11 @@ def make_datasets(cfg):
     return torch.utils.data.Subset(train, train_ids), torch.utils.data.Subset(val, val_ids)
 
 
-@torch.no_grad()
-def predict(model, loader, device='cpu', amp='off'):
-    """Camera-frame predictions of the last iteration in the loader's order -> (xyz (N, J, 3), verts
-    (N, V, 3)) float32 numpy arrays in metres: the MANO-frame mesh moved by `camera_translation`."""
-    model.eval()
-    xyz, verts = [], []
-    for batch in tqdm(loader, desc='predict', leave=False, disable=dist.is_initialized() and dist.get_rank() > 0):
-        images, K = batch['image'].to(device), batch['K'].to(device).float()
-        with autocast(device, amp):
-            out = model(images)[-1]
-        T = camera_translation(out['cam'].float(), K, images.shape[-1])[:, None]  # (B, 1, 3)
-        xyz.append((out['joints'].float() + T).cpu())
-        verts.append((out['vertices'].float() + T).cpu())
-    return torch.cat(xyz).numpy(), torch.cat(verts).numpy()
 
 
 @torch.no_grad()
 def validate(model, dataset, cfg, device, rank=0, world=1):
     """{'pa_mpjpe_mm', 'pa_mpvpe_mm'} on `dataset`, sharded over the processes and all-reduced."""
-    from evaluate import procrustes  # imported here: evaluate.py imports this file at its top
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # joint error, vertex error, samples
@@ -300,15 +261,16 @@ def validate(model, dataset, cfg, device, rank=0, world=1):
     return dict(pa_mpjpe_mm=1000 * float(sums[0] / n), pa_mpvpe_mm=1000 * float(sums[1] / n))
 
 
+
+
 # ----------------------------------------------------------------------------------------------------
-# TRAINING SECTION
+# Training
 
 def train(cfg):
     """Fine-tune as configured; returns the process exit code (0 done, 130 stopped by Ctrl-C)."""
     rank, world, device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    is_main = rank == 0
-    print0(json.dumps(asdict(cfg)))
+    is_main, out = rank == 0, lambda name: os.path.join(cfg.output_dir, name)
 
     # ---- data: held-out validation groups, (epoch, index)-seeded training samples
     train_set, val_set = make_datasets(cfg)
@@ -318,17 +280,15 @@ def train(cfg):
                          f'fewer than one global batch ({world} x {cfg.batch_size}); lower --batch_size')
     print0(f'{len(train_set)} training and {len(val_set)} held-out validation samples from {cfg.data}'
            + ('' if len(val_set) else ' (validation needs --val_fraction > 0 and two hands or sequences)'))
-    keyed = KeyedSamples(train_set, cfg.seed)
     total_steps = cfg.epochs * steps_per_epoch
 
     # ---- model, optimizer with layer-wise lr decay, resume or pretrained initialization
-    model = build_model(asdict(cfg), MANO(cfg.mano)).to(device)
+    model = build_regressor(asdict(cfg), resolve_mano(cfg.mano, cfg.data)).to(device)
     model.vit.mask_token.requires_grad_(False)  # used by masked pretraining only (DDP needs every grad)
     decay = lambda name: lr_decay_scale(name, model.vit.num_layers, cfg.layer_decay)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, decay))
     scaler = make_scaler(cfg.amp, device)
-    guard = NonFiniteGuard(cfg.max_non_finite)
-    epoch, step_in_epoch, step, best = 0, 0, 0, float('inf')
+    guard, progress, best = NonFiniteGuard(cfg.max_non_finite), Progress(), float('inf')
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
         if not isinstance(state.get('config'), dict) or 'optimizer' not in state:
@@ -337,9 +297,9 @@ def train(cfg):
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
         scaler.load_state_dict(state['scaler'])
-        epoch, step_in_epoch, step, best = state['epoch'], state['step_in_epoch'], state['step'], state['best']
+        progress, best = Progress(state['epoch'], state['step_in_epoch'], state['step']), state['best']
         guard.n_skipped = state['non_finite_steps']
-        print0(f'resumed from {cfg.resume}: epoch {epoch}, step {step}')
+        print0(f'resumed from {cfg.resume}: epoch {progress.epoch}, step {progress.step}')
     elif cfg.pretrained:
         loaded, missing, unexpected = load_pretrained(model.vit, cfg.pretrained, cfg.key)
         print0(f'--pretrained {cfg.pretrained}: loaded {len(loaded)} tensors; missing (left at init): '
@@ -347,91 +307,61 @@ def train(cfg):
     else:
         print0('no --pretrained: the ViT starts from scratch')
     if is_main:  # only now that data and weights are known to be good: a failed start writes nothing
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, 'config.json'), 'w') as f:
-            json.dump(asdict(cfg), f, indent=1)
+        prepare_output_dir(cfg.output_dir, asdict(cfg))
+        trim_log(out('log.jsonl'), progress.step)
     peak_lr = cfg.blr * cfg.batch_size * world / 256
-    weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, hand=cfg.w_hand, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta)
+    weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, hand=cfg.w_hand, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta,
+                   heatmap=cfg.w_heatmap)
     net = torch.compile(model) if cfg.compile else model  # `model` stays the plain module we save
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda'
                                                         else None)
+    net.train()
+
+    def train_step(batch, step):
+        lr = cosine_schedule(step, total_steps, peak_lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g['lr_scale']
+        with autocast(device, cfg.amp):
+            outputs = net(batch['image'])
+        loss, terms = mesh_losses(outputs, batch, weights)
+        clip = (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)) if cfg.clip_grad else None
+        backward_step(loss, step, optimizer, scaler, guard, clip)
+        return dict(loss=loss.item(), **terms, lr=lr)
 
     def save(path, metrics, full=True):
-        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step_in_epoch=step_in_epoch,
-                     step=step, best=best, non_finite_steps=guard.n_skipped) if full else {}
-        save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), epoch=epoch, metrics=metrics, **extra),
-                        os.path.join(cfg.output_dir, path))
+        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step_in_epoch=progress.step_in_epoch,
+                     step=progress.step, best=best, non_finite_steps=guard.n_skipped) if full else {}
+        save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), epoch=progress.epoch, metrics=metrics,
+                             **extra), out(path))
 
-    log_path = os.path.join(cfg.output_dir, 'log.jsonl')
-    stop = None
-    with StopOnSignal() as ctrl_c:
-        while epoch < cfg.epochs and stop is None:
-            keys = epoch_keys(len(train_set), epoch, cfg.seed, rank, world, cfg.batch_size)
-            loader = torch.utils.data.DataLoader(keyed, cfg.batch_size, sampler=keys[step_in_epoch * cfg.batch_size:],
-                                                 num_workers=cfg.workers, pin_memory=device.type == 'cuda')
-            bar = tqdm(loader, total=steps_per_epoch, initial=step_in_epoch, disable=not is_main,
-                       desc=f'epoch {epoch + 1}/{cfg.epochs}', dynamic_ncols=True)
+    def end_epoch(finished, stop):
+        nonlocal best
+        metrics = {}
+        if finished or stop == 0:  # validate after every epoch and at a --max_steps stop
+            # The plain module: DDP would broadcast buffers per forward and shards differ in length.
+            metrics = validate(model, val_set, cfg, device, rank, world) if len(val_set) else {}
             net.train()
-            tic = time.perf_counter()
-            for batch in bar:
-                lr = cosine_schedule(step, total_steps, peak_lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch)
-                for g in optimizer.param_groups:
-                    g['lr'] = lr * g['lr_scale']
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                # Drop path draws from the global RNG: seed it per step so a resumed run replays it.
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
-                with autocast(device, cfg.amp):
-                    outputs = net(batch['image'])
-                loss, terms = mesh_losses(outputs, batch, weights)
-                if guard(loss, step):
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    if cfg.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step, step_in_epoch = step + 1, step_in_epoch + 1
-
-                toc = time.perf_counter()
-                img_s, tic = cfg.batch_size * world / (toc - tic), toc
-                record = dict(step=step, epoch=epoch, loss=loss.item(), **terms, lr=lr, img_s=img_s)
-                bar.set_postfix_str(f'loss {record["loss"]:.4f} L1(j3d) {1000 * terms["j3d"]:.1f} mm '
-                                    f'lr {lr:.2e} {img_s:.1f} img/s')
-                if is_main and (step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch):
-                    log_jsonl(log_path, record)
-                if any_rank(ctrl_c.requested, device):
-                    stop = 130
-                elif cfg.max_steps and step >= cfg.max_steps:
-                    stop = 0
-                if stop is not None:
-                    break
-            bar.close()
-            epoch_done, metrics = step_in_epoch == steps_per_epoch, {}
-            if epoch_done:
-                epoch, step_in_epoch = epoch + 1, 0
-            if epoch_done or stop == 0:  # validate after every epoch and at a --max_steps stop
-                # The plain module: DDP would broadcast buffers per forward and shards differ in length.
-                metrics = validate(model, val_set, cfg, device, rank, world) if len(val_set) else {}
-                print0(f'epoch {epoch} step {step} | validation '
-                       + (' | '.join(f'{k[:-3]} {v:.2f} mm' for k, v in metrics.items()) or 'skipped'))
-                if is_main:
-                    log_jsonl(log_path, dict(step=step, epoch=epoch, **{'val_' + k: v for k, v in metrics.items()}))
-                if metrics.get('pa_mpvpe_mm', float('inf')) < best or not metrics:
-                    best = metrics.get('pa_mpvpe_mm', best)
-                    if is_main:
-                        save('best.pth', metrics, full=False)
+            print0(f'epoch {progress.epoch} step {progress.step} | validation '
+                   + (' | '.join(f'{k[:-3]} {v:.2f} mm' for k, v in metrics.items()) or 'skipped'))
             if is_main:
-                save('checkpoint.pth', metrics)  # every epoch, and where a stop happened
+                log_jsonl(out('log.jsonl'), dict(step=progress.step, epoch=progress.epoch,
+                                                 **{'val_' + k: v for k, v in metrics.items()}))
+            if metrics.get('pa_mpvpe_mm', float('inf')) < best or not metrics:
+                best = metrics.get('pa_mpvpe_mm', best)
+                if is_main:
+                    save('best.pth', metrics, full=False)
+        if is_main:
+            save('checkpoint.pth', metrics)  # every epoch, and where a stop happened
 
-    path = os.path.join(cfg.output_dir, 'checkpoint.pth')
+    stop = train_loop(cfg, KeyedSamples(train_set, cfg.seed), progress, train_step, end_epoch, device, rank, world,
+                      out('log.jsonl'), show=('j3d', 'hand'))
     if stop == 130:
-        print0(f'stopped by a signal at step {step}: checkpoint saved, continue with --resume {path}')
+        print0(f'stopped by a signal at step {progress.step}: checkpoint saved, continue with --resume '
+               f'{out("checkpoint.pth")}')
     else:
         score = f'best validation PA-MPVPE {best:.2f} mm; ' if best < float('inf') else ''
-        print0(f'done: {step} steps, {guard.n_skipped} skipped (non-finite); {score}'
-               f'model in {os.path.join(cfg.output_dir, "best.pth")}')
+        print0(f'done: {progress.step} steps, {guard.n_skipped} skipped (non-finite); {score}model in {out("best.pth")}')
     teardown_distributed()
     return stop or 0
 

@@ -276,6 +276,9 @@ def vit_large(**kw):  # 303,302,656 parameters, 123.11 GFLOPs (ViT-L/16, MAE)
     return ViT(**dict(dict(embed_dim=1024, depth=24, num_heads=16), **kw))
 
 
+ARCHS = dict(vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base, vit_large=vit_large)
+
+
 # ----------------------------------------------------------------------------------------------
 # Self-supervised heads (pretraining).
 
@@ -381,6 +384,20 @@ def cam_to_translation(cam, focal, img_size):
     return torch.stack([cam[:, 1], cam[:, 2], 2 * focal / (cam[:, 0] * img_size)], dim=-1)
 
 
+def camera_translation(cam, K, crop_size):
+    """Camera-frame translation (B, 3) of the MANO-frame mesh from the weak-perspective camera (B, 3).
+
+    `cam_to_translation` gives (tx, ty, 2 f / (s S)) for a principal point at the crop centre S/2; a
+    principal point c elsewhere shifts the projection by (c - S/2) px, undone by (S - 2c) / (s S) in
+    metres. Then points at the reference depth (MANO's Z = 0 plane) project through K (B, 3, 3) exactly
+    where the weak-perspective camera puts them. f = (fx + fy) / 2. The depth is only as good as weak
+    perspective; Procrustes-aligned metrics do not depend on it."""
+    s = cam[:, :1].clamp(min=1e-6)
+    T = cam_to_translation(torch.cat([s, cam[:, 1:]], 1), (K[:, 0, 0] + K[:, 1, 1]) / 2, crop_size)
+    shift = (crop_size - 2 * K[:, :2, 2]) / (s * crop_size)  # (B, 2)
+    return T + torch.cat([shift, torch.zeros_like(s)], 1)
+
+
 def sample_points(feat, uv):
     """Bilinear samples of a (B, C, h, w) map at normalized points uv (B, P, 2) -> (B, P, C).
     Points outside the crop read zeros (grid_sample's zero padding, as PyMAF)."""
@@ -446,6 +463,8 @@ class MeshRegressor(nn.Module):
        projected with the previous (detached) camera (PyMAF-X uses 195 MANO points).
     3. A per-point MLP reduces each feature to 5 numbers; a regressor per iteration maps
        [features, previous parameters] to residuals of (16 x 6D rotations, 10 betas, 3 camera).
+    4. With `n_heatmaps` (21), the last iteration's dict also holds 'heatmaps' (B, J, 8h, 8w): per-joint
+       logits on the finest level, the hand counterpart of PyMAF's auxiliary dense (IUV) supervision.
     Start (mean parameters): identity global orientation, MANO's `hands_mean` finger pose if the
     layer has it (else flat), zero betas, and a camera that centres the mean hand and makes it fill
     `init_fill` of the crop. The camera is regressed in normalized units c = (s / s0, s0 tx, s0 ty),
@@ -453,7 +472,7 @@ class MeshRegressor(nn.Module):
     """
 
     def __init__(self, vit, mano, n_iter=3, deconv_width=256, deconv_dims=None, grid_size=21, n_points=195,
-                 point_dims=(128, 64, 5), hidden_dim=1024, dropout=0.0, init_fill=0.7):
+                 point_dims=(128, 64, 5), hidden_dim=1024, dropout=0.0, init_fill=0.7, n_heatmaps=0):
         super().__init__()
         deconv_dims = tuple(deconv_dims or (max(deconv_width >> i, 16) for i in range(n_iter)))
         if len(deconv_dims) != n_iter:
@@ -462,6 +481,9 @@ class MeshRegressor(nn.Module):
         dims = (vit.embed_dim, *deconv_dims)
         self.deconv = nn.ModuleList(_deconv_block(dims[i], dims[i + 1]) for i in range(n_iter))
         self.point_mlps = nn.ModuleList(_point_mlp(c, point_dims) for c in deconv_dims)
+        # PyMAF supervises its finest feature map with a dense auxiliary task (IUV maps for bodies); for
+        # hands: one heat map per joint, a 1x1 conv on the last pyramid level (SimpleBaseline's head)
+        self.heatmap_head = nn.Conv2d(deconv_dims[-1], n_heatmaps, 1) if n_heatmaps else None
 
         r = (torch.arange(grid_size) + 0.5) * 2 / grid_size - 1  # centres of grid_size cells
         gy, gx = torch.meshgrid(r, r, indexing='ij')
@@ -515,6 +537,8 @@ class MeshRegressor(nn.Module):
             # millimetre errors on the vertices
             with torch.autocast(state.device.type, enabled=False):
                 outputs.append(self._decode(state))
+        if self.heatmap_head is not None:
+            outputs[-1]['heatmaps'] = self.heatmap_head(feat)  # (B, J, 8h, 8w) logits of the finest level
         return outputs
 
     def _decode(self, state):
@@ -527,6 +551,16 @@ class MeshRegressor(nn.Module):
         cam = torch.cat([cam_n[:, :1] * self.cam_scale, cam_n[:, 1:] / self.cam_scale], dim=1)
         return dict(pose6d=pose6d, rotmat=rotmat, betas=betas, cam=cam, vertices=vertices,
                     joints=joints, joints2d=weak_perspective(joints, cam))
+
+
+def build_regressor(cfg, mano):
+    """ViT + MeshRegressor from a fine-tuning config dict (arch, depth, img_size, patch_size, n_iter,
+    head_width, drop_path, w_heatmap: what shapes the weights) and a MANO layer."""
+    kw = dict(img_size=cfg['img_size'], patch_size=cfg['patch_size'], drop_path=cfg.get('drop_path', 0.0))
+    if cfg.get('depth') is not None:
+        kw['depth'] = cfg['depth']
+    return MeshRegressor(ARCHS[cfg['arch']](**kw), mano, n_iter=cfg['n_iter'], deconv_width=cfg.get('head_width', 256),
+                         n_heatmaps=21 if cfg.get('w_heatmap') else 0)
 
 
 # ----------------------------------------------------------------------------------------------

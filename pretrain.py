@@ -1,4 +1,4 @@
-"""HandMIM self-supervised pretraining of a plain ViT on unlabeled hand images (SPEC.md section 6).
+"""HandMIM self-supervised pretraining of a plain ViT on unlabeled hand images.
 
 HandMIM (Liu et al., arXiv 2307.16061) trains a student ViT against an EMA teacher with losses at
 three granularities:
@@ -9,10 +9,8 @@ three granularities:
   L_mim         patch tokens: iBOT masked-image-modeling self-distillation on the masked patches;
   L_pix         pixels: MAE norm_pix reconstruction of the masked patches (SimMIM-style linear head).
 The paper's full text is not available: PKA's exact form and the loss weights (1 each) are our design
-on top of the public recipes (bytedance/ibot main_ibot.py, DINO, MAE). Other choices of ours: the 'tiny'
-CPU preset (ViT-Tiny with 6 blocks at 128 px, head 512 -> 1024); a FreiHAND-layout folder pretrains on
-training/rgb only; a sample's views and masks are a pure function of (seed, epoch, index) and drop path
-of (seed, step), so a resumed CPU run reproduces the uninterrupted one bit for bit.
+on top of the public recipes (bytedance/ibot main_ibot.py, DINO, MAE); the README lists our choices. The
+teacher's EMA momentum starts at iBOT's 0.996 only in runs long enough for it (`teacher_momentum`).
 
 Run:   python pretrain.py --data ./hands                        (CPU: the 'tiny' preset, announced)
        python pretrain.py --data DIR --preset base --amp bf16   (one GPU, paper scale)
@@ -21,225 +19,30 @@ Run:   python pretrain.py --data ./hands                        (CPU: the 'tiny'
 Outputs in --output_dir: config.json, log.jsonl, checkpoint.pth (each epoch and on Ctrl-C), backbone.pth
 at the end (the TEACHER's ViT under the standard MAE/DINO/timm key names). Exit codes: 0 done, 130 stopped
 by Ctrl-C/SIGTERM (checkpoint saved; --resume continues exactly), 2 bad input, 1 loss NaN/inf too often.
+The plumbing (CLI, schedules, DDP, AMP, checkpoints, the loop) is engine.py's.
 
-Shapes: B batch, V views (2 global + L local), S view side (px), N = h*w patches, D width, H heads
-(= K pseudo keypoints), P = patch*patch*3 pixel values of a patch, C head output dim (out_dim).
+Shapes (README legend): B batch, S view side (px), N = h*w patches, D width, H heads (= pseudo keypoints),
+C head output dim (out_dim); the two global views of a batch are stacked as (2B, ...).
 """
-import argparse
-import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import random
-import signal
 import sys
-import time
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import model as M
 from data import ImageFolder, PretrainAugment
-
-
-# -------- Shared training utilities (finetune.py imports these)
-def option(default, help, **metadata):
-    """A dataclass field with its --help text (read by config_from_cli)."""
-    return field(default=default, metadata=dict(help=help, **metadata))
-
-
-def config_from_cli(cls, argv=None):
-    """A dataclass `cls` instance from flags generated from its fields: the type from the default (or the
-    annotation when it is None), bools as `--flag/--no-flag`, tuples with nargs, help from the metadata."""
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or '').strip().split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=default, help=f.metadata.get('help', ' '))
-        if 'choices' in f.metadata:
-            kw['choices'] = f.metadata['choices']
-        if isinstance(default, bool):
-            kw['action'] = argparse.BooleanOptionalAction
-        elif isinstance(default, (tuple, list)):
-            kw.update(nargs='+', type=type(default[0]) if default else str)
-        else:   # `x: int = None` or `x: float | None = None` take the type from the annotation
-            kw['type'] = type(default) if default is not None else _annotation_type(f.type)
-        parser.add_argument('--' + f.name, **kw)
-    args = parser.parse_args(argv)
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
-    return cls(**values)
-
-
-def _annotation_type(ann):
-    """The first concrete type of an annotation such as `int` or `float | None` (else str)."""
-    args = [a for a in typing.get_args(ann) if a is not type(None)] or [ann]
-    return args[0] if args[0] in (int, float) else str
-
-
-def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_start=0.0):
-    """Linear warm-up from `warmup_start` to `start`, then half a cosine from `start` to `end` (clamped).
-
-    iBOT/DINO `cosine_scheduler` as a pure function of the step: lr, weight decay, EMA momentum and,
-    with start == end, the teacher-temperature warm-up."""
-    if step < warmup_steps:
-        return warmup_start + (start - warmup_start) * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
-
-
-def setup_distributed(device='auto'):
-    """-> (rank, world_size, torch.device): DDP (NCCL on GPUs, gloo on CPU) under torchrun, else one process."""
-    if device not in ('auto', 'cpu', 'cuda'):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
-    use_cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
-    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return 0, 1, torch.device('cuda' if use_cuda else 'cpu')
-    rank, world, local_rank = (int(os.environ.get(k, 0)) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if use_cuda else 'gloo', rank=rank, world_size=world)
-    return rank, world, torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
-
-
-def teardown_distributed():
-    """Wait for every rank (rank 0 may still be writing a checkpoint), then leave the process group."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def run_cli(config_cls, train, argv=None):
-    """Parse the flags into `config_cls` and run `train(cfg)`; bad input and a loss that stays non-finite
-    end with a one-line message instead of a traceback. -> exit code (2 bad input, 1 non-finite)."""
-    cfg = config_from_cli(config_cls, argv)
-    try:
-        return train(cfg)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteLossError) else 2
-
-
-def print0(*args, **kwargs):
-    """print() on rank 0 only (instead of patching builtins.print as DINO/MAE do)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def autocast(device, amp):
-    """Mixed-precision context for `amp` in 'off'|'bf16'|'fp16' (a no-op context for 'off')."""
-    if amp not in ('off', 'bf16', 'fp16'):
-        raise ValueError(f"--amp must be off, bf16 or fp16, got {amp!r}")
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(amp)
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def make_scaler(amp, device):
-    """GradScaler, enabled only for fp16 (bf16 has float32's range and needs no loss scaling)."""
-    return torch.amp.GradScaler(torch.device(device).type, enabled=(amp == 'fp16'))
-
-
-def save_checkpoint(state, path):
-    """torch.save `state` (tensors and plain Python values) via a tmp file + os.replace, so an
-    interrupted write never leaves a truncated checkpoint behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """torch.load(weights_only=True) -> dict; a clear ValueError for a missing/truncated/foreign file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist (check the path given to --resume "
-                         f"or --pretrained)")
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:   # truncated zip, pickle with foreign classes, not a torch file at all
-        raise ValueError(f"checkpoint {path!r} could not be read as a weights-only torch file "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). It may be truncated "
-                         f"or saved with pickled Python objects; re-save it as a dict of tensors.") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, expected a dict")
-    return state
-
-
-def param_groups(model, weight_decay, lr_scale_fn=None):
-    """AdamW groups of the trainable parameters: no weight decay on biases, norms, tokens, pos_embed.
-
-    Each group carries 'wd_scale' (1 or 0) and 'lr_scale' (lr_scale_fn(name), e.g. layer-wise decay):
-    the training loop sets lr = lr(step) * lr_scale and weight_decay = wd(step) * wd_scale.
-    """
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.split('.')[-1]
-        no_decay = p.ndim <= 1 or leaf == 'bias' or leaf in ('cls_token', 'mask_token', 'pos_embed')
-        lr_scale = 1.0 if lr_scale_fn is None else float(lr_scale_fn(name))
-        key = (no_decay, lr_scale)
-        if key not in groups:
-            groups[key] = dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
-                               wd_scale=0.0 if no_decay else 1.0, lr_scale=lr_scale)
-        groups[key]['params'].append(p)
-    return list(groups.values())
-
-
-def log_jsonl(path, record):
-    """Append `record` as one JSON line (tensors and numpy scalars become floats)."""
-    with open(path, 'a') as f:
-        f.write(json.dumps(record, default=float) + '\n')
-
-
-def any_rank(flag, device):
-    """True if `flag` is True on any rank (so every rank stops at the same step)."""
-    if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised by NonFiniteGuard when the loss stays NaN/inf."""
-
-
-class NonFiniteGuard:
-    """`guard(loss, step)` -> True when the step may proceed: NaN/inf steps are skipped and counted, and
-    `max_consecutive` in a row raise. Under DDP the verdict is all-reduced *before* backward, so every
-    rank skips the same steps (otherwise DDP's gradient all-reduce hangs)."""
-
-    def __init__(self, max_consecutive=10):
-        self.max_consecutive, self.consecutive, self.n_skipped = max_consecutive, 0, 0
-
-    def __call__(self, loss, step=None):
-        if not any_rank(not torch.isfinite(torch.as_tensor(loss)).all(),
-                         loss.device if torch.is_tensor(loss) else 'cpu'):
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        self.n_skipped += 1
-        print0(f"non-finite loss at step {step}: step skipped ({self.n_skipped} skipped so far, "
-               f"{self.consecutive} in a row)")
-        if self.consecutive >= self.max_consecutive:
-            raise NonFiniteLossError(
-                f"the loss was NaN/inf for {self.consecutive} steps in a row (step {step}); stopping "
-                f"before the weights are corrupted. Lower the learning rate, use --amp bf16 or off "
-                f"instead of fp16, or check the input data. The last good checkpoint is kept.")
-        return False
+from engine import (KeyedSamples, NonFiniteGuard, Progress, autocast, backward_step, check_same_architecture,
+                    cosine_schedule, load_checkpoint, make_scaler, option, param_groups, prepare_output_dir, print0,
+                    run_cli, save_checkpoint, setup_distributed, teardown_distributed, train_loop, trim_log)
 
 
 # -------- HandMIM components: masking, EMA teacher, losses, pseudo keypoints
@@ -271,6 +74,17 @@ def block_mask(h, w, ratio, rng, min_aspect=0.3):
             break
         count += added
     return mask
+
+
+def teacher_momentum(total_steps, base=0.996, horizon=10.0):
+    """The EMA momentum at the start of a run of `total_steps`: iBOT's `base`, or lower for a short run.
+
+    With momentum m(t) going from m0 to 1 along a cosine, the teacher keeps exp(-sum_t (1 - m(t))) =
+    exp(-(1 - m0) T / 2) of its initialisation. iBOT's 0.996 at T ~ 10^5 steps leaves nothing of it, but
+    at T = 250 it keeps 61%: the exported teacher would be mostly random weights. So 1 - m0 is at least
+    `horizon` / T, which keeps exp(-horizon / 2) < 1% of the start, and runs longer than
+    horizon / (1 - base) = 2500 steps use iBOT's value unchanged."""
+    return min(base, 1.0 - horizon / max(total_steps, 1))
 
 
 def make_teacher(student):
@@ -402,6 +216,8 @@ def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
     return total / count.clamp(min=1.0)   # no host sync: fine under torch.compile and on GPUs
 
 
+
+
 # -------- Configuration and presets
 @dataclass
 class PretrainConfig:
@@ -428,7 +244,8 @@ class PretrainConfig:
     warmup_epochs: int = option(None, 'linear learning-rate warm-up epochs')
     weight_decay: float = option(0.04, 'weight decay at the start (cosine schedule)')
     weight_decay_end: float = option(0.4, 'weight decay at the end')
-    momentum_teacher: float = option(0.996, 'EMA momentum at the start, cosine to 1 (DINO: 0.9995 for batch 256)')
+    momentum_teacher: float = option(None, 'EMA momentum at the start, cosine to 1; default: iBOT\'s 0.996, lowered '
+                                           'for short runs so the teacher tracks the student (teacher_momentum)')
     clip_grad: float = option(3.0, 'per-parameter gradient-norm clip (iBOT); 0 = off')
     freeze_last_layer: int = option(1, "epochs with the projection head's last layer frozen (DINO)")
     student_temp: float = option(0.1, 'student softmax temperature')
@@ -482,52 +299,22 @@ def resolve_preset(cfg, has_gpu):
     return cfg, note
 
 
-def check_same_architecture(saved, cfg, fields=ARCH_FIELDS):
-    """Refuse to resume from a checkpoint whose weights have other shapes, naming the `fields` that differ."""
-    diff = [f"{k}={saved.get(k)!r} in the checkpoint but {getattr(cfg, k)!r} now"
-            for k in fields if saved.get(k) != getattr(cfg, k)]
-    if diff:
-        raise ValueError("--resume: the checkpoint was trained with another architecture (" + '; '.join(diff) +
-                         "). Pass the same flags as the original run, or drop --resume to start afresh.")
-
-
-# -------- Data: two global views (+ locals) with their affines, block masks, deterministic per sample
-@contextlib.contextmanager
-def seeded_rngs(seed):
-    """Seed Python, NumPy and torch for the block, then restore their states (whatever RNG the
-    augmentation uses, sample (epoch, index) always gets the same views, in any worker)."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.default_generator.manual_seed(seed)   # CPU only: the GPU generators are left alone
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
+# -------- Data: two global views (+ locals) with their affines, block masks
 class MaskedViews(torch.utils.data.Dataset):
-    """Wraps an image dataset whose transform returns dict(views, affines) and adds a block mask
-    (N,) per global view. Indexed by (epoch, index) so each sample's randomness is a pure function
-    of (seed, epoch, index): the order of workers and a resume cannot change it."""
+    """Wraps an image dataset whose transform returns dict(views, affines) and adds a block mask (N,) per
+    global view, drawn from Python's `random` (seeded per sample by engine.KeyedSamples)."""
 
-    def __init__(self, images, grid, mask_ratio, mask_ratio_var, seed):
-        self.images, self.grid, self.seed = images, grid, seed
+    def __init__(self, images, grid, mask_ratio, mask_ratio_var):
+        self.images, self.grid = images, grid
         self.ratio_range = (max(0.0, mask_ratio - mask_ratio_var), min(1.0, mask_ratio + mask_ratio_var))
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, key):
-        epoch, index = key
-        seed = ((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63
-        with seeded_rngs(seed):
-            sample = self.images[index]
-        rng = random.Random(seed)
-        masks = [block_mask(*self.grid, rng.uniform(*self.ratio_range), rng).flatten() for _ in range(2)]   # 2 x (N,)
-        return dict(views=sample['views'], affines=sample['affines'], masks=masks)
+    def __getitem__(self, index):
+        sample = self.images[index]
+        masks = [block_mask(*self.grid, random.uniform(*self.ratio_range), random).flatten() for _ in range(2)]
+        return dict(views=sample['views'], affines=sample['affines'], masks=masks)   # masks: 2 x (N,)
 
 
 def pretraining_images(root):
@@ -539,16 +326,6 @@ def pretraining_images(root):
         return train_rgb
     return root
 
-
-def epoch_keys(n_images, epoch, seed, rank, world, batch_size):
-    """This rank's (epoch, index) keys for one epoch: a seeded permutation cut into whole global
-    batches; rank r takes rows [r*B, (r+1)*B) of every global batch, so 1 process with batch W*B
-    and W processes with batch B see the same global batches."""
-    g = torch.Generator().manual_seed(seed * 7919 + epoch)
-    steps = n_images // (world * batch_size)
-    perm = torch.randperm(n_images, generator=g)[:steps * world * batch_size]
-    mine = perm.reshape(steps, world, batch_size)[:, rank].reshape(-1)        # (steps * B,)
-    return [(epoch, int(i)) for i in mine]
 
 
 # -------- Model: student (ViT + heads) and EMA teacher (ViT + projection head)
@@ -642,28 +419,8 @@ def clip_gradients(params, max_norm):
     torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
 
 
+
 # -------- Training
-class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, pre-emption): finish the step, save, exit (a second Ctrl-C
-    aborts at once). Stopping between steps keeps a resumed run exact."""
-
-    def __enter__(self):
-        self.requested, self._pid = False, os.getpid()
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if os.getpid() == self._pid:   # DataLoader workers inherit the handler: they stay quiet
-            print0("\nstop requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
 def train(cfg):
     """Run HandMIM pretraining; returns the process exit code (0 done, 130 stopped by Ctrl-C/SIGTERM)."""
     rank, world, device = setup_distributed(cfg.device)
@@ -672,17 +429,12 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     is_main, global_batch = rank == 0, cfg.batch_size * world
     out = lambda name: os.path.join(cfg.output_dir, name)
-    if is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(out('config.json'), 'w') as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        print0(json.dumps(dataclasses.asdict(cfg)))
 
     # ---- data: views + affines (data.PretrainAugment), block masks, per-(epoch, index) seeding
     augment = PretrainAugment(cfg.img_size, n_local=cfg.n_local, local_size=cfg.local_size)
     grid = (cfg.img_size // cfg.patch_size,) * 2
-    dataset = MaskedViews(ImageFolder(pretraining_images(cfg.data), transform=augment), grid, cfg.mask_ratio,
-                          cfg.mask_ratio_var, cfg.seed)
+    images = ImageFolder(pretraining_images(cfg.data), transform=augment)
+    dataset = KeyedSamples(MaskedViews(images, grid, cfg.mask_ratio, cfg.mask_ratio_var), cfg.seed)
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data} has {len(dataset)} usable images, fewer than one global batch "
@@ -694,22 +446,27 @@ def train(cfg):
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay))
     scaler = make_scaler(cfg.amp, device)
     stateful = dict(model=student, teacher=teacher, centres=centres, optimizer=optimizer, scaler=scaler)
-    guard = NonFiniteGuard(cfg.max_non_finite)
-    epoch, step_in_epoch, step = 0, 0, 0
+    guard, progress = NonFiniteGuard(cfg.max_non_finite), Progress()
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
         if not isinstance(state.get('config'), dict) or 'teacher' not in state:
             raise ValueError(f"--resume {cfg.resume}: not a pretrain.py checkpoint (no 'config'/'teacher')")
-        check_same_architecture(state['config'], cfg)
+        check_same_architecture(state['config'], cfg, ARCH_FIELDS)
         for name, obj in stateful.items():
             obj.load_state_dict(state[name])
-        epoch, step_in_epoch, step = state['epoch'], state['step_in_epoch'], state['step']
-        if state.get('global_batch') != global_batch and step_in_epoch:
+        progress = Progress(state['epoch'], state['step_in_epoch'], state['step'])
+        if state.get('global_batch') != global_batch and progress.step_in_epoch:
             print0("the global batch differs from the checkpoint's: the interrupted epoch restarts")
-            step_in_epoch = 0
+            progress.step_in_epoch = 0
         guard.n_skipped = state.get('non_finite_steps', 0)
-        print0(f"resumed from {cfg.resume}: epoch {epoch}, step {step}")
+        print0(f"resumed from {cfg.resume}: epoch {progress.epoch}, step {progress.step}")
+    if is_main:   # only now that data and weights are known to be good: a failed start writes nothing
+        prepare_output_dir(cfg.output_dir, dataclasses.asdict(cfg))
+        print0(json.dumps(dataclasses.asdict(cfg)))
+        trim_log(out('log.jsonl'), progress.step)
     lr_peak = cfg.blr * global_batch / 256
+    m0 = cfg.momentum_teacher if cfg.momentum_teacher is not None else teacher_momentum(total_steps)
+    print0(f'{total_steps} steps: teacher EMA momentum {m0:.4f} -> 1, peak lr {lr_peak:.2e}')
     last_layer = [p for n, p in student.named_parameters() if 'last_layer' in n]
 
     model, teacher_fwd = student, teacher
@@ -720,84 +477,46 @@ def train(cfg):
         model = torch.compile(model)
         teacher_fwd = {k: torch.compile(m) for k, m in teacher.items()}
 
-    if is_main and os.path.exists(out('log.jsonl')):   # drop lines after `step`: a resumed log reads as one run
-        lines = [line for line in open(out('log.jsonl')) if json.loads(line)['step'] <= step]
-        with open(out('log.jsonl'), 'w') as f:
-            f.writelines(lines)
-    stop, timed = None, [0, 0.0]   # images and seconds over all steps but the first of each epoch
-    with StopOnSignal() as signal_stop:
-        while epoch < cfg.epochs and stop is None:
-            keys = epoch_keys(len(dataset), epoch, cfg.seed, rank, world, cfg.batch_size)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=cfg.batch_size, sampler=keys[step_in_epoch * cfg.batch_size:],
-                num_workers=min(cfg.workers, os.cpu_count() or 1), pin_memory=device.type == 'cuda')
-            bar = tqdm(loader, total=steps_per_epoch, initial=step_in_epoch, disable=not is_main,
-                       desc=f'epoch {epoch + 1}/{cfg.epochs}', dynamic_ncols=True)
-            tic = time.perf_counter()
-            for batch in bar:
-                # ---- schedules, pure functions of the global step (iBOT)
-                lr = cosine_schedule(step, total_steps, lr_peak, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch)
-                wd = cosine_schedule(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
-                momentum = cosine_schedule(step, total_steps, cfg.momentum_teacher, 1.0)
-                t_temp = cosine_schedule(step, total_steps, cfg.teacher_temp, cfg.teacher_temp,
-                                         cfg.warmup_teacher_temp_epochs * steps_per_epoch, cfg.warmup_teacher_temp)
-                for g in optimizer.param_groups:
-                    g['lr'], g['weight_decay'] = lr * g['lr_scale'], wd * g['wd_scale']
-                batch = {k: [t.to(device, non_blocking=True) for t in v] for k, v in batch.items()}
-                # Drop path draws from the global RNG: seed it per step so a resumed run replays it.
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+    def train_step(batch, step):
+        # ---- schedules, pure functions of the global step (iBOT)
+        lr = cosine_schedule(step, total_steps, lr_peak, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch)
+        wd = cosine_schedule(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+        momentum = cosine_schedule(step, total_steps, m0, 1.0)
+        t_temp = cosine_schedule(step, total_steps, cfg.teacher_temp, cfg.teacher_temp,
+                                 cfg.warmup_teacher_temp_epochs * steps_per_epoch, cfg.warmup_teacher_temp)
+        for g in optimizer.param_groups:
+            g['lr'], g['weight_decay'] = lr * g['lr_scale'], wd * g['wd_scale']
+        with autocast(device, cfg.amp):   # the losses themselves are computed in float32
+            loss, parts, stats, t_logits = handmim_losses(model, teacher_fwd, centres, batch, cfg, t_temp, grid)
 
-                with autocast(device, cfg.amp):   # the losses themselves are computed in float32
-                    loss, parts, stats, t_logits = handmim_losses(model, teacher_fwd, centres, batch, cfg,
-                                                                  t_temp, grid)
-                if guard(loss, step):
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)   # clip the true gradients, not the fp16-scaled ones
-                    if cfg.clip_grad:
-                        clip_gradients(student.parameters(), cfg.clip_grad)
-                    if epoch < cfg.freeze_last_layer:   # DINO: a frozen last layer early avoids collapse
-                        for p in last_layer:
-                            p.grad = None
-                    scaler.step(optimizer)
-                    scaler.update()
-                    ema_update(teacher, student, momentum)
-                    centres['cls'].update(t_logits[:, 0])
-                    if cfg.w_mim:
-                        centres['patch'].update(t_logits[:, 1:])
-                optimizer.zero_grad(set_to_none=True)
-                step, step_in_epoch = step + 1, step_in_epoch + 1
+        def freeze_last_layer():   # DINO: a frozen last layer in the first epoch(s) avoids collapse
+            if progress.epoch < cfg.freeze_last_layer:
+                for p in last_layer:
+                    p.grad = None
+        if backward_step(loss, step, optimizer, scaler, guard, lambda: clip_gradients(student.parameters(),
+                         cfg.clip_grad) if cfg.clip_grad else None, freeze_last_layer):
+            ema_update(teacher, student, momentum)
+            centres['cls'].update(t_logits[:, 0])
+            if cfg.w_mim:
+                centres['patch'].update(t_logits[:, 1:])
+        return dict(loss=loss.item(), **{k: v.item() for k, v in parts.items()}, lr=lr, wd=wd, momentum=momentum,
+                    teacher_temp=t_temp, **stats)
 
-                # ---- logging
-                toc = time.perf_counter()
-                img_s, dt, tic = global_batch / (toc - tic), toc - tic, toc
-                if step_in_epoch > 1:   # the first step of an epoch also waits for the loader to start
-                    timed = [timed[0] + global_batch, timed[1] + dt]
-                record = dict(step=step, epoch=epoch, loss=loss.item(), **{k: v.item() for k, v in parts.items()},
-                              lr=lr, wd=wd, momentum=momentum, teacher_temp=t_temp, **stats, img_s=img_s)
-                bar.set_postfix_str(' '.join(f'{k} {record[k]:.3f}' for k in ('loss', *parts)) +
-                                    f' lr {lr:.2e} {img_s:.1f} img/s')
-                if is_main and (step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch):
-                    log_jsonl(out('log.jsonl'), record)
-                if any_rank(signal_stop.requested, device):
-                    stop = 130
-                elif cfg.max_steps and step >= cfg.max_steps:
-                    stop = 0
-                if stop is not None:
-                    break
-            bar.close()
-            if step_in_epoch == steps_per_epoch:
-                epoch, step_in_epoch = epoch + 1, 0
-            if is_main:   # every epoch, and where a stop happened
-                save_checkpoint({k: v.state_dict() for k, v in stateful.items()} | dict(
-                    epoch=epoch, step_in_epoch=step_in_epoch, step=step, global_batch=global_batch,
-                    non_finite_steps=guard.n_skipped, config=dataclasses.asdict(cfg)), out('checkpoint.pth'))
+    def end_epoch(finished, stop):
+        if is_main:   # every epoch, and where a stop happened
+            save_checkpoint({k: v.state_dict() for k, v in stateful.items()} | dict(
+                epoch=progress.epoch, step_in_epoch=progress.step_in_epoch, step=progress.step,
+                global_batch=global_batch, non_finite_steps=guard.n_skipped, config=dataclasses.asdict(cfg)),
+                out('checkpoint.pth'))
 
+    stop = train_loop(cfg, dataset, progress, train_step, end_epoch, device, rank, world, out('log.jsonl'),
+                      show=[k for k in ('cls', 'pka', 'mim', 'pix') if getattr(cfg, 'w_' + k)])
     if is_main and stop == 130:
-        print0(f"stopped at step {step}: checkpoint saved, continue with --resume {out('checkpoint.pth')}")
+        print0(f"stopped at step {progress.step}: checkpoint saved, continue with --resume {out('checkpoint.pth')}")
     elif is_main:   # the teacher's ViT under the standard MAE/DINO/timm key names, for finetune.py
         save_checkpoint(teacher['backbone'].state_dict(), out('backbone.pth'))
-        print0(f"done: {step} steps ({timed[0] / max(timed[1], 1e-9):.1f} img/s), {guard.n_skipped} skipped "
-               f"(non-finite); teacher backbone saved to {out('backbone.pth')}")
+        print0(f"done: {progress.step} steps ({progress.images / max(progress.seconds, 1e-9):.1f} img/s), "
+               f"{guard.n_skipped} skipped (non-finite); teacher backbone saved to {out('backbone.pth')}")
     teardown_distributed()
     return stop or 0
 

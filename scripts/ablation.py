@@ -43,9 +43,11 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import engine  # noqa: E402
 import evaluate  # noqa: E402
 import finetune  # noqa: E402
 import pretrain as P  # noqa: E402
+import model as M  # noqa: E402
 from mano import MANO  # noqa: E402
 
 # variant -> (table label, pretrain.py flags; None = no pretraining). The mean hand is always scored.
@@ -80,29 +82,29 @@ def sized(help, key, **metadata):
     """A profile-dependent flag: default None, filled by `resolve`; the help lists the profiles' values."""
     values = ' | '.join(f'{"default" if p == "cpu" else "--" + p} {PROFILES[p][key]}' for p in PROFILES
                         if key in PROFILES[p])
-    return P.option(None, f'{help} [{values}]', **metadata)
+    return engine.option(None, f'{help} [{values}]', **metadata)
 
 
 @dataclass
 class AblationConfig:
     """HandMIM ablation at small scale: scratch vs HandMIM pretraining vs HandMIM without each of its losses."""
-    out: str = P.option('runs/ablation', 'working folder: data, pretraining and fine-tuning runs, logs, results')
-    table: str = P.option('assets/ablation.md', 'markdown table of mean +- std per variant')
-    json: str = P.option('assets/ablation.json', 'every per-run result, the table rows and the settings')
-    plot: str = P.option('assets/ablation.png', 'bar chart of PA-MPVPE per variant (pillow)')
-    variants: str = P.option(','.join(VARIANTS), 'comma list of variants to run (the mean hand is always scored)')
-    seeds: int = P.option(3, 'fine-tuning seeds (0, 1, ...) of scratch and full')
-    ablation_seeds: int = P.option(1, 'fine-tuning seeds of no_pka, no_mim and no_pix')
-    gpu: bool = P.option(False, "scale up (PROFILES['gpu']): --device cuda --amp bf16, 224 px, patch 16, vit_small "
+    out: str = engine.option('runs/ablation', 'working folder: data, pretraining and fine-tuning runs, logs, results')
+    table: str = engine.option('assets/ablation.md', 'markdown table of mean +- std per variant')
+    json: str = engine.option('assets/ablation.json', 'every per-run result, the table rows and the settings')
+    plot: str = engine.option('assets/ablation.png', 'bar chart of PA-MPVPE per variant (pillow)')
+    variants: str = engine.option(','.join(VARIANTS), 'comma list of variants to run (the mean hand is always scored)')
+    seeds: int = engine.option(3, 'fine-tuning seeds (0, 1, ...) of scratch and full')
+    ablation_seeds: int = engine.option(1, 'fine-tuning seeds of no_pka, no_mim and no_pix')
+    gpu: bool = engine.option(False, "scale up (PROFILES['gpu']): --device cuda --amp bf16, 224 px, patch 16, vit_small "
                                 "depth 12 (pretrain.py's base head), 20000/4000/1000 images, 30 + 30 epochs, batch 64")
-    smoke: bool = P.option(False, 'tiny everything for the test: 24 images, 2 blocks, one step per stage')
-    force: bool = P.option(False, 're-run every run, even those with a result (the data set is reused if it matches)')
+    smoke: bool = engine.option(False, 'tiny everything for the test: 24 images, 2 blocks, one step per stage')
+    force: bool = engine.option(False, 're-run every run, even those with a result (the data set is reused if it matches)')
     n_unlabeled: int = sized('training images rendered: the unlabeled pretraining pool', 'n_unlabeled')
     n_labelled: int = sized('the first this many of them, with labels, are the fine-tuning set', 'n_labelled')
     n_eval: int = sized('held-out evaluation images (scored; never trained on)', 'n_eval')
     img_size: int = sized('image and crop side in pixels', 'img_size')
     patch_size: int = sized('ViT patch size', 'patch_size')
-    arch: str = sized('ViT of both stages', 'arch', choices=list(finetune.ARCHS))
+    arch: str = sized('ViT of both stages', 'arch', choices=list(M.ARCHS))
     depth: int = sized('ViT blocks', 'depth')
     pretrain_epochs: int = sized('pretraining epochs (every pretraining variant)', 'pretrain_epochs')
     finetune_epochs: int = sized('fine-tuning epochs (every run: equal budget)', 'finetune_epochs')
@@ -111,11 +113,11 @@ class AblationConfig:
     workers: int = sized('data-loading workers of both stages', 'workers')
     device: str = sized('both stages and scoring', 'device', choices=['cpu', 'cuda'])
     amp: str = sized('mixed precision of both stages and scoring', 'amp', choices=['off', 'bf16', 'fp16'])
-    threads: int = P.option(0, 'torch threads: OMP_NUM_THREADS / MKL_NUM_THREADS of the stages, set_num_threads of '
+    threads: int = engine.option(0, 'torch threads: OMP_NUM_THREADS / MKL_NUM_THREADS of the stages, set_num_threads of '
                                'rendering and scoring (0: leave as is)')
-    mano: str = P.option('synthetic', "MANO model: 'synthetic' or the path of MANO_RIGHT.pkl")
-    pretrain_args: str = P.option('', 'extra pretrain.py flags, verbatim (shlex-split, after ours: they win)')
-    finetune_args: str = P.option('', 'extra finetune.py flags, verbatim (shlex-split, after ours: they win)')
+    mano: str = engine.option('synthetic', "MANO model: 'synthetic' or the path of MANO_RIGHT.pkl")
+    pretrain_args: str = engine.option('', 'extra pretrain.py flags, verbatim (shlex-split, after ours: they win)')
+    finetune_args: str = engine.option('', 'extra finetune.py flags, verbatim (shlex-split, after ours: they win)')
 
 
 # Settings that change results: a working folder holds runs of one setting only (see check_settings).
@@ -159,9 +161,9 @@ def read_json(path, default=None):
 
 
 def write_json(obj, path):
-    """Atomically (evaluate.write_atomic): an interrupted write never leaves a half result that would be skipped."""
+    """Atomically (engine.write_atomic): an interrupted write never leaves a half result that would be skipped."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    evaluate.write_atomic(path, json.dumps(obj, indent=1))
+    engine.write_atomic(path, json.dumps(obj, indent=1))
 
 
 def link_or_copy(src, dst):
@@ -278,7 +280,7 @@ def start_or_resume(run_dir, argv, cfg):
 
 
 def checkpoint_step(path):
-    return int(P.load_checkpoint(path)['step'])
+    return int(engine.load_checkpoint(path)['step'])
 
 
 def pretrain_command(cfg, variant, pool, run_dir):
@@ -326,10 +328,10 @@ def score_mean_hand(cfg, root, out_dir):
 
 
 def score_checkpoint(cfg, path, root, out_dir):
-    model, ft = finetune.load_finetuned(path, cfg.device)
+    model, ft = evaluate.load_finetuned(path, cfg.device)
     evaluation = data.FreiHAND(root, 'evaluation', ft['img_size'], mano=ft['mano'])
     loader = torch.utils.data.DataLoader(evaluation, batch_size=cfg.batch_size, num_workers=cfg.workers)
-    return score_submission(*finetune.predict(model, loader, cfg.device, cfg.amp), root, out_dir)
+    return score_submission(*evaluate.predict(model, loader, cfg.device, cfg.amp), root, out_dir)
 
 
 def minutes(result):
@@ -576,7 +578,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    cfg = P.config_from_cli(AblationConfig, argv)
+    cfg = engine.config_from_cli(AblationConfig, argv)
     try:
         return run(cfg)
     except KeyboardInterrupt:

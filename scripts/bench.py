@@ -39,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'scripts')]
 import data  # noqa: E402
+import engine  # noqa: E402
 import evaluate  # noqa: E402
 import finetune as FT  # noqa: E402
 import mano as mano_lib  # noqa: E402
@@ -46,7 +47,7 @@ import pretrain as P  # noqa: E402
 from bench_eval import make_data  # noqa: E402
 from bench_mano import random_official_sizes  # noqa: E402
 from bench_pretrain import make_step  # noqa: E402
-from model import model_summary  # noqa: E402
+from model import build_regressor, model_summary  # noqa: E402
 
 SECTIONS = ('pretrain', 'finetune', 'inference', 'mano', 'metrics', 'synth', 'data')
 MODEL_SECTIONS = ('pretrain', 'finetune', 'inference')  # run once per preset
@@ -64,20 +65,20 @@ PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100', 989.0), ('H200', 989.0), ('A100', 
 @dataclass
 class BenchConfig:
     """Speed of every stage of the project (training steps, inference, MANO, metrics, data)."""
-    device: str = P.option('auto', 'auto | cpu | cuda', choices=['auto', 'cpu', 'cuda'])
-    amp: str = P.option('off', 'mixed precision of the model sections', choices=['off', 'bf16', 'fp16'])
-    threads: int = P.option(2, 'torch CPU threads (torch.set_num_threads)')
-    presets: str = P.option('tiny,small', 'comma list of model presets: ' + ', '.join(PRESETS))
-    only: str = P.option('', 'comma list of sections to run (empty: all): ' + ', '.join(SECTIONS))
-    quick: bool = P.option(False, 'tiny sizes and 2 timed steps: checks that everything runs, in seconds')
-    batch: int = P.option(0, "images per step of the model sections (0: the preset's)")
-    warmup: int = P.option(2, 'untimed repeats before the timed ones')
-    repeats: int = P.option(5, 'timed repeats (the median is reported)')
-    mano: str = P.option('synthetic', "MANO model: 'synthetic' (1128 vertices), 'random' (random arrays "
+    device: str = engine.option('auto', 'auto | cpu | cuda', choices=['auto', 'cpu', 'cuda'])
+    amp: str = engine.option('off', 'mixed precision of the model sections', choices=['off', 'bf16', 'fp16'])
+    threads: int = engine.option(2, 'torch CPU threads (torch.set_num_threads)')
+    presets: str = engine.option('tiny,small', 'comma list of model presets: ' + ', '.join(PRESETS))
+    only: str = engine.option('', 'comma list of sections to run (empty: all): ' + ', '.join(SECTIONS))
+    quick: bool = engine.option(False, 'tiny sizes and 2 timed steps: checks that everything runs, in seconds')
+    batch: int = engine.option(0, "images per step of the model sections (0: the preset's)")
+    warmup: int = engine.option(2, 'untimed repeats before the timed ones')
+    repeats: int = engine.option(5, 'timed repeats (the median is reported)')
+    mano: str = engine.option('synthetic', "MANO model: 'synthetic' (1128 vertices), 'random' (random arrays "
                                       "of the official sizes, 778 vertices) or a MANO_RIGHT.pkl path")
-    workers: int = P.option(2, 'DataLoader worker processes of the data section')
-    peak_tflops: float = P.option(0.0, "the GPU's peak TFLOP/s for MFU (0: from a table of device names)")
-    out: str = P.option('bench.json', 'JSON file for the results (written atomically)')
+    workers: int = engine.option(2, 'DataLoader worker processes of the data section')
+    peak_tflops: float = engine.option(0.0, "the GPU's peak TFLOP/s for MFU (0: from a table of device names)")
+    out: str = engine.option('bench.json', 'JSON file for the results (written atomically)')
 
 
 # -------- timing helpers
@@ -154,7 +155,7 @@ def regressor(cfg, spec, device):
     pose, betas = torch.randn(B, 48) * 0.3, torch.randn(B, 10)
     with torch.no_grad():
         hand = layer(pose, betas)  # on the CPU, before the model (and the layer in it) moves to `device`
-    model = FT.build_model(dict(arch=spec['arch'], depth=spec['depth'], img_size=spec['img_size'],
+    model = build_regressor(dict(arch=spec['arch'], depth=spec['depth'], img_size=spec['img_size'],
                                 patch_size=16, n_iter=3, drop_path=0.1), layer).to(device)
     ahead = torch.tensor([0.0, 0.0, 0.5])  # labels are in the camera frame: put the hand half a metre ahead
     K = torch.tensor([[S, 0, S / 2], [0, S, S / 2], [0, 0, 1.0]]).repeat(B, 1, 1)
@@ -168,12 +169,12 @@ def regressor(cfg, spec, device):
 def bench_finetune(cfg, spec, device):
     model, batch = regressor(cfg, spec, device)
     model.vit.mask_token.requires_grad_(False)  # as finetune.train: only masked pretraining uses it
-    optimizer = torch.optim.AdamW(P.param_groups(model, 0.05), lr=1e-4)
-    scaler = P.make_scaler(cfg.amp, device)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4)
+    scaler = engine.make_scaler(cfg.amp, device)
     weights = dict(j3d=1.0, v3d=1.0, hand=0.0, j2d=0.1, rot=1.0, beta=0.05)
 
     def step():  # finetune.train's step without the schedules and logging
-        with P.autocast(device, cfg.amp):
+        with engine.autocast(device, cfg.amp):
             outputs = model(batch['image'])
         loss, _ = FT.mesh_losses(outputs, batch, weights)
         scaler.scale(loss).backward()
@@ -193,7 +194,7 @@ def bench_inference(cfg, spec, device):
 
     @torch.no_grad()
     def forward():
-        with P.autocast(device, cfg.amp):
+        with engine.autocast(device, cfg.amp):
             return model(batch['image'])
 
     flops = forward_flops(model, spec['img_size'])
@@ -295,7 +296,7 @@ def table(results):
 
 
 def main(argv=None):
-    cfg = P.config_from_cli(BenchConfig, argv)
+    cfg = engine.config_from_cli(BenchConfig, argv)
     sections = [s for s in cfg.only.split(',') if s] or list(SECTIONS)
     presets = [p for p in cfg.presets.split(',') if p]
     unknown = sorted(set(sections) - set(SECTIONS)) + sorted(set(presets) - set(PRESETS))
@@ -325,7 +326,7 @@ def main(argv=None):
                 results[section] = fn(cfg, device, tmp)
             print(f'{section}: done in {time.perf_counter() - tic:.1f} s', flush=True)
     print(table(results))
-    evaluate.write_atomic(cfg.out, json.dumps(results, indent=1))
+    engine.write_atomic(cfg.out, json.dumps(results, indent=1))
     print(f'results written to {cfg.out}')
     return results
 

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
-from pretrain import config_from_cli  # noqa: E402
+from engine import config_from_cli  # noqa: E402
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
 import pretrain as P  # noqa: E402
 
 
@@ -39,13 +40,13 @@ def make_step(cfg, device, amp='off', compile=False):
     model, teacher_fwd = student, teacher
     if compile:
         model, teacher_fwd = torch.compile(student), {k: torch.compile(m) for k, m in teacher.items()}
-    optimizer = torch.optim.AdamW(P.param_groups(student, cfg.weight_decay), lr=1e-4)
-    scaler = P.make_scaler(amp, device)
+    optimizer = torch.optim.AdamW(engine.param_groups(student, cfg.weight_decay), lr=1e-4)
+    scaler = engine.make_scaler(amp, device)
     batch = random_batch(cfg, device, cfg.batch_size)
     grid = (cfg.img_size // cfg.patch_size,) * 2
 
     def step():
-        with P.autocast(device, amp):
+        with engine.autocast(device, amp):
             loss, parts, _, t_logits = P.handmim_losses(model, teacher_fwd, centres, batch, cfg, 0.04, grid)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

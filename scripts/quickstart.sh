@@ -49,8 +49,7 @@ import numpy as np
 import torch
 
 from data import FreiHAND
-from evaluate import write_submission
-from finetune import load_finetuned, predict
+from evaluate import load_finetuned, predict, write_submission
 
 out = sys.argv[1]
 model, cfg = load_finetuned(f'{out}/finetune/best.pth')

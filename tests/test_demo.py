@@ -126,7 +126,7 @@ def test_demo_writes_consistent_files(setup, right):
     b = results['sub/b']
     uv_image = project(b['vertices'].astype(np.float64), b['K_image'])
     assert np.allclose(uv_image - [16, 0], project(b['vertices'].astype(np.float64), b['K_crop']), atol=1e-3)
-    model, _ = finetune.load_finetuned(setup[0])
+    model, _ = evaluate.load_finetuned(setup[0])
     direct = evaluate.predict_hand(model, Image.fromarray(crops[1]), focal=2.34)
     for key in ('pose', 'betas', 'cam', 'vertices', 'K_crop'):
         assert np.allclose(direct[key], b[key], atol=1e-6), key

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import finetune
-from finetune import camera_translation, load_finetuned, load_pretrained, lr_decay_scale, mesh_losses
+from evaluate import load_finetuned
+from finetune import load_pretrained, lr_decay_scale, mesh_losses
 from mano import MANO, axis_angle_to_matrix
-from model import MeshRegressor, interpolate_pos_embed, vit_small, vit_tiny
+from model import MeshRegressor, build_regressor, camera_translation, interpolate_pos_embed, vit_small, vit_tiny
 
 S = 64  # crop size of every test
 
@@ -293,7 +295,7 @@ def test_train_resume_is_exact_and_checkpoint_predicts(synth_set, tmp_path):
     assert cfg['depth'] == 2 and cfg['img_size'] == S
     from data import FreiHAND
     evaluation = FreiHAND(str(synth_set), 'evaluation', S)
-    xyz, verts = finetune.predict(model, torch.utils.data.DataLoader(evaluation, batch_size=2))
+    xyz, verts = evaluate.predict(model, torch.utils.data.DataLoader(evaluation, batch_size=2))
     assert xyz.shape == (2, 21, 3) and verts.shape == (2, model.mano.num_verts, 3) and (xyz[..., 2] > 0.1).all()
     batch = torch.utils.data.default_collate([evaluation[0], evaluation[1]])
     with torch.no_grad():
@@ -308,9 +310,9 @@ def test_head_width_sets_the_deconv_pyramid(mano):
     written before it existed) rebuilds PyMAF's 256/128/64."""
     cfg = dict(arch='vit_tiny', depth=1, img_size=32, patch_size=8, n_iter=3)
     channels = lambda m: [block[0].out_channels for block in m.deconv]
-    assert channels(finetune.build_model(dict(cfg, head_width=64), mano)) == [64, 32, 16]
-    assert channels(finetune.build_model(cfg, mano)) == [256, 128, 64]
-    model = finetune.build_model(dict(cfg, head_width=32), mano)
+    assert channels(build_regressor(dict(cfg, head_width=64), mano)) == [64, 32, 16]
+    assert channels(build_regressor(cfg, mano)) == [256, 128, 64]
+    model = build_regressor(dict(cfg, head_width=32), mano)
     assert [o['vertices'].shape for o in model(torch.zeros(2, 3, 32, 32))] == [(2, mano.num_verts, 3)] * 3
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import engine as E
 import pretrain as P
 
 
@@ -39,97 +40,7 @@ def _micro_batch(B, seed=0):
                 masks=[torch.rand(B, 16, generator=g) < 0.4 for _ in range(2)])
 
 
-# ----------------------------------------------------------------------------- shared utilities
-
-@dataclass
-class _Cfg:
-    """A test config."""
-    name: str = 'a'
-    lr: float = 1e-3
-    steps: int = 3
-    amp: bool = False
-    sizes: tuple = (1, 2)
-    maybe: int | None = None
-    choice: str = field(default='x', metadata={'help': 'pick', 'choices': ['x', 'y']})
-
-
-def test_config_from_cli_types_and_bools():
-    c = P.config_from_cli(_Cfg, [])
-    assert c == _Cfg()
-    c = P.config_from_cli(_Cfg, ['--lr', '0.5', '--steps', '7', '--amp', '--sizes', '3', '4', '5',
-                                 '--maybe', '9', '--choice', 'y', '--name', 'b'])
-    assert (c.lr, c.steps, c.amp, c.sizes, c.maybe, c.choice, c.name) == (0.5, 7, True, (3, 4, 5), 9, 'y', 'b')
-    assert P.config_from_cli(_Cfg, ['--no-amp']).amp is False
-    with pytest.raises(SystemExit):
-        P.config_from_cli(_Cfg, ['--choice', 'z'])
-
-
-def test_cosine_schedule_endpoints_and_warmup():
-    assert P.cosine_schedule(0, 100, 1.0, 0.1) == pytest.approx(1.0)
-    assert P.cosine_schedule(100, 100, 1.0, 0.1) == pytest.approx(0.1)
-    assert P.cosine_schedule(500, 100, 1.0, 0.1) == pytest.approx(0.1)          # clamped after the end
-    assert P.cosine_schedule(55, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(0.5)   # cosine midpoint
-    assert P.cosine_schedule(5, 100, 1.0, 0.0, warmup_steps=10, warmup_start=0.2) == pytest.approx(0.6)
-    vals = [P.cosine_schedule(s, 50, 0.996, 1.0) for s in range(51)]
-    assert all(b >= a for a, b in zip(vals, vals[1:]))                         # EMA momentum rises
-
-
-def test_autocast_and_scaler():
-    with P.autocast('cpu', 'bf16'):
-        y = nn.Linear(4, 4)(torch.randn(2, 4))
-    assert y.dtype == torch.bfloat16
-    with P.autocast('cpu', 'off'):
-        assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
-    assert P.make_scaler('fp16', 'cpu').is_enabled() and not P.make_scaler('bf16', 'cpu').is_enabled()
-    with pytest.raises(ValueError):
-        P.autocast('cpu', 'fp8')
-
-
-def test_setup_distributed_single_process(monkeypatch):
-    monkeypatch.delenv('RANK', raising=False)
-    assert P.setup_distributed('cpu') == (0, 1, torch.device('cpu'))
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match='no GPU'):
-            P.setup_distributed('cuda')
-
-
-def test_checkpoint_roundtrip_atomic_and_bad_files(tmp_path):
-    path = str(tmp_path / 'sub' / 'ck.pth')
-    state = {'w': torch.arange(3.0), 'epoch': 2, 'config': {'a': 1, 't': (1, 2)}}
-    P.save_checkpoint(state, path)
-    back = P.load_checkpoint(path)
-    assert torch.equal(back['w'], state['w']) and back['epoch'] == 2 and back['config']['t'] == (1, 2)
-    assert os.listdir(tmp_path / 'sub') == ['ck.pth']                          # no tmp file left
-    with pytest.raises(ValueError, match='does not exist'):
-        P.load_checkpoint(str(tmp_path / 'nope.pth'))
-    (tmp_path / 'trunc.pth').write_bytes(open(path, 'rb').read()[:50])
-    with pytest.raises(ValueError, match='truncated'):
-        P.load_checkpoint(str(tmp_path / 'trunc.pth'))
-    torch.save({'obj': _Cfg()}, tmp_path / 'foreign.pth')                     # a pickled Python object
-    with pytest.raises(ValueError, match='weights-only'):
-        P.load_checkpoint(str(tmp_path / 'foreign.pth'))
-
-
-def test_param_groups_no_decay_on_bias_norm_tokens():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
-            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
-            self.fc = nn.Linear(4, 4)
-            self.norm = nn.LayerNorm(4)
-            self.frozen = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
-    m = M()
-    groups = P.param_groups(m, 0.05, lr_scale_fn=lambda n: 0.5 if n.startswith('fc') else 1.0)
-    names = {id(p): n for n, p in m.named_parameters()}
-    decayed = {names[id(p)] for g in groups if g['wd_scale'] == 1.0 for p in g['params']}
-    assert decayed == {'fc.weight'}
-    assert sum(len(g['params']) for g in groups) == 6                          # frozen one left out
-    for g in groups:
-        for p in g['params']:
-            assert g['lr_scale'] == (0.5 if names[id(p)].startswith('fc') else 1.0)
-    torch.optim.AdamW(groups)                                                  # accepted by the optimizer
-
+# ----------------------------------------------------------------------------- HandMIM components
 
 def test_clip_gradients_per_parameter():
     a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3))
@@ -137,22 +48,6 @@ def test_clip_gradients_per_parameter():
     P.clip_gradients([a, b], 3.0)
     torch.testing.assert_close(a.grad, torch.tensor([1.8, 2.4, 0.0, 0.0]))            # clipped to 3 alone
     torch.testing.assert_close(b.grad, torch.tensor([0.6, 0.8, 0.0]))                  # untouched
-
-
-def test_log_jsonl(tmp_path):
-    P.log_jsonl(tmp_path / 'l.jsonl', {'step': 1, 'loss': torch.tensor(0.5)})
-    P.log_jsonl(tmp_path / 'l.jsonl', {'step': 2, 'loss': 0.25})
-    lines = [json.loads(l) for l in open(tmp_path / 'l.jsonl')]
-    assert lines == [{'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.25}]
-
-
-def test_non_finite_guard_skips_then_raises():
-    g = P.NonFiniteGuard(max_consecutive=3)
-    assert g(torch.tensor(1.0)) and g(torch.tensor(float('nan'))) is False
-    assert g(torch.tensor(2.0)) and g.consecutive == 0 and g.n_skipped == 1
-    assert g(torch.tensor(float('inf'))) is False and g(float('nan')) is False
-    with pytest.raises(RuntimeError, match='3 steps in a row'):
-        g(torch.tensor(float('nan')))
 
 
 # ----------------------------------------------------------------------------- block-wise masking
@@ -348,15 +243,6 @@ def test_pka_loss_zero_for_mapped_teacher_keypoints_positive_otherwise():
 
 # ----------------------------------------------------------------------------- data order and views
 
-def test_epoch_keys_split_global_batches_across_ranks():
-    one = P.epoch_keys(50, epoch=3, seed=1, rank=0, world=1, batch_size=8)         # 6 steps of 8
-    two = [P.epoch_keys(50, epoch=3, seed=1, rank=r, world=2, batch_size=4) for r in range(2)]
-    assert len(one) == 48 and len({k for k in one}) == 48 and all(e == 3 for e, _ in one)
-    for step in range(6):   # the same global batch, split in halves
-        assert one[8 * step:8 * step + 8] == two[0][4 * step:4 * step + 4] + two[1][4 * step:4 * step + 4]
-    assert P.epoch_keys(50, 4, 1, 0, 1, 8) != one                                  # reshuffled each epoch
-
-
 # ----------------------------------------------------------------------------- end-to-end runs
 
 def _image_folder(root, n=16, broken=True, size=48):
@@ -446,18 +332,18 @@ def test_resume_refuses_other_architecture(quick_run, tmp_path, capsys):
 def test_ctrl_c_saves_and_resume_gives_identical_losses(quick_run, tmp_path, monkeypatch):
     import signal
     data, out_full, _ = quick_run
-    real_log = P.log_jsonl
+    real_log = E.log_jsonl
 
     def log_then_ctrl_c(path, record):   # a real SIGINT in the middle of epoch 0
         real_log(path, record)
         if record['step'] == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(P, 'log_jsonl', log_then_ctrl_c)
+    monkeypatch.setattr(E, 'log_jsonl', log_then_ctrl_c)
     out = tmp_path / 'o'
     assert _run(data, out) == 130
     ck = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert (ck['epoch'], ck['step_in_epoch'], ck['step']) == (0, 3, 3) and not (out / 'backbone.pth').exists()
-    monkeypatch.setattr(P, 'log_jsonl', real_log)
+    monkeypatch.setattr(E, 'log_jsonl', real_log)
     assert _run(data, out, '--resume', str(out / 'checkpoint.pth')) == 0
     assert _losses(out) == _losses(out_full)                                    # bit-identical on CPU
     a = torch.load(out / 'backbone.pth', weights_only=True)
@@ -542,7 +428,7 @@ def test_overfits_one_batch():
     """Learning smoke test: on one fixed batch every student loss term falls within 30 steps."""
     cfg, student, teacher, centres = _micro_models(drop_path=0.0)
     batch = _micro_batch(8)
-    opt = torch.optim.AdamW(P.param_groups(student, 0.0), lr=1e-3)
+    opt = torch.optim.AdamW(E.param_groups(student, 0.0), lr=1e-3)
     history = []
     for _ in range(30):   # about 1 s
         loss, parts, stats, t_logits = P.handmim_losses(student, teacher, centres, batch, cfg, 0.04, (4, 4))
