@@ -42,13 +42,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from scipy.spatial import cKDTree
+from tqdm import tqdm
 
-from data import resolve_mano
+from data import _show, find_images, load_rgb, normalize, resolve_mano, to_tensor
 from engine import (as_f64, atomic_open, autocast, config_from_cli, load_checkpoint, procrustes, procrustes_params,
                     read_json, write_atomic)
 from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND, matrix_to_axis_angle
 from model import build_regressor, camera_translation
+from synthetic import project, render_mesh
 
 F_THRESHOLDS = (0.005, 0.015)     # metres: the official `f_threshs`
 AUC_RANGE = (0.0, 0.05, 100)      # metres: the official `get_measures(0.0, 0.05, 100)`
@@ -347,7 +350,6 @@ def load_finetuned(path, device='cpu', mano=None):
 def predict(model, loader, device='cpu', amp='off'):
     """Camera-frame predictions of the last iteration in the loader's order -> (xyz (N, J, 3), verts
     (N, V, 3)) float32 numpy arrays in metres: the MANO-frame mesh moved by `model.camera_translation`."""
-    from tqdm import tqdm
     model.eval()
     xyz, verts = [], []
     for batch in tqdm(loader, desc='predict', leave=False):
@@ -424,7 +426,6 @@ def mirror_x(points):
 def draw_skeleton(image, uv, radius=3.0, width=2):
     """(H, W, 3) uint8 with the 21 joints (FreiHAND order, pixels (21, 2)) as FreiHAND-coloured bones
     and dots, as FreiHAND's plot_hand draws them."""
-    from PIL import Image, ImageDraw
     pil = Image.fromarray(image)
     draw = ImageDraw.Draw(pil)
     rgb = [tuple(int(round(255 * c)) for c in col) for col in FREIHAND_COLORS]
@@ -456,8 +457,6 @@ def predict_hand(model, crop, focal, left=False, device='cpu'):
     pose (48,) absolute axis-angle, betas (10,), cam (3,) = (s, tx, ty), transl (3,), and joints (21, 3),
     vertices (V, 3) in the crop's camera frame (metres), K_crop (3, 3). With `left` the crop is mirrored
     first; pose/betas/cam/transl describe that mirrored right hand, joints/vertices the left hand."""
-    from PIL import Image
-    from data import normalize, to_tensor
     S = crop.size[0]
     if left:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
@@ -477,8 +476,6 @@ def overlay(image, box, res, faces, S, size):
     """(size, size, 3) uint8: the crop `box` of `image` (PIL) with the mesh of `res` (predicted on that crop
     resized to S) rendered over it by data.py's shaded z-buffer renderer, and the 21 joints drawn.
     Returns it and its intrinsics K (3, 3): the network crop's camera moved to this resolution."""
-    from PIL import Image
-    from data import project, render_mesh
     K = crop_affine(box, size) @ np.linalg.inv(crop_affine(box, S)) @ res['K_crop']  # S px -> size px
     background = np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
     rendered = render_mesh(res['vertices'], faces, K, image=background)
@@ -494,7 +491,6 @@ def save_hand(stem, png, res, faces):
     of the hand as it appears in the image (left hands mirrored back); the intrinsics of that camera in
     the overlay PNG's pixels (K), the network crop's (K_crop) and the input image's (K_image); left."""
     import io
-    from PIL import Image
     os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(png).save(buf, format='PNG')
@@ -516,9 +512,6 @@ def run_demo(cfg):
     """Predict every image under cfg.images and write <name>.png (overlay), <name>.obj, <name>.npz into
     cfg.out (same sub-folders). Checks the checkpoint and the folder before writing anything; files that
     do not decode are skipped with a warning and counted. Returns dict(written=..., skipped=...)."""
-    from PIL import Image
-    from tqdm import tqdm
-    from data import _show, find_images, load_rgb
     if not cfg.checkpoint or not cfg.out:
         raise ValueError('the demo needs --images DIR --checkpoint CKPT --out DIR')
     if cfg.focal <= 0 or cfg.overlay_size < 16:

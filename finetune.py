@@ -164,7 +164,7 @@ def load_pretrained(vit, path, key='teacher'):
 @dataclass
 class FinetuneConfig:
     """Fine-tune ViT + PyMAF regressor on MANO-labelled hands (FreiHAND layout or HO3Dv2)."""
-    data: str = option('./hands_synth', 'dataset root: FreiHAND v2 layout (real, or `data.py synth`) or HO3Dv2')
+    data: str = option('./hands_synth', 'dataset root: FreiHAND v2 layout (real, or `python synthetic.py`) or HO3Dv2')
     dataset: str = option('freihand', 'layout of --data', choices=['freihand', 'ho3d'])
     mano: str = option('synthetic', "MANO model: 'synthetic' or the path of MANO_RIGHT.pkl / .npz")
     output_dir: str = option('./runs/finetune', 'checkpoints, logs and config.json go here')

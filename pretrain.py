@@ -318,7 +318,7 @@ class MaskedViews(torch.utils.data.Dataset):
 
 
 def pretraining_images(root):
-    """The image folder to pretrain on: in a FreiHAND-layout folder (e.g. `python data.py synth`),
+    """The image folder to pretrain on: in a FreiHAND-layout folder (e.g. `python synthetic.py`),
     training/rgb only, so that the held-out evaluation images are never seen."""
     train_rgb = os.path.join(root, 'training', 'rgb')
     if os.path.isdir(train_rgb) and os.path.isdir(os.path.join(root, 'evaluation')):

@@ -3,7 +3,7 @@ r"""HandMIM ablation at small scale: fine-tuning from HandMIM pretraining vs fro
 The paper's claims (HandMIM, Liu et al., arXiv 2307.16061), checked here on synthetic hands: HandMIM pretraining on
 unlabeled hand images makes the fine-tuned mesh regressor better than one trained from scratch, and each of its
 three losses (pseudo keypoint alignment, patch MIM distillation, masked pixel reconstruction) contributes.
-Semi-supervised setting: one synthetic set (data.py synth) is rendered once; all its training images are the
+Semi-supervised setting: one synthetic set (synthetic.py) is rendered once; all its training images are the
 UNLABELED pretraining pool, the first --n_labelled of them (with labels) the fine-tuning set, and its evaluation
 split, seen by neither stage, is scored with the official metrics (evaluate.score_files, as `evaluate.py --score`).
 Runs, every fine-tuning run with the same recipe and budget (only --pretrained and --seed differ):
@@ -43,12 +43,10 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import synthetic  # noqa: E402
 import engine  # noqa: E402
 import evaluate  # noqa: E402
-import finetune  # noqa: E402
-import pretrain as P  # noqa: E402
 import model as M  # noqa: E402
-from mano import MANO  # noqa: E402
 
 # variant -> (table label, pretrain.py flags; None = no pretraining). The mean hand is always scored.
 VARIANTS = {
@@ -195,7 +193,7 @@ def make_pool(cfg, pool):
         return done['wall_s']
     shutil.rmtree(pool, ignore_errors=True)
     tic = time.perf_counter()
-    data.synth(pool, cfg.n_unlabeled, mano=cfg.mano, n_eval=cfg.n_eval, img_size=cfg.img_size)
+    synthetic.synth(pool, cfg.n_unlabeled, mano=cfg.mano, n_eval=cfg.n_eval, img_size=cfg.img_size)
     wall = time.perf_counter() - tic
     write_json(dict(settings=want, wall_s=wall), os.path.join(pool, 'ablation_data.json'))  # written last: complete
     print(f'data: {cfg.n_unlabeled} + {cfg.n_eval} synthetic hands at {cfg.img_size} px in {pool} '
@@ -320,7 +318,7 @@ def score_submission(xyz, verts, root, out_dir):
 
 def score_mean_hand(cfg, root, out_dir):
     """The mean hand for every evaluation image (identity global rotation: Procrustes finds the best one)."""
-    layer = MANO(cfg.mano)
+    layer = data.resolve_mano(cfg.mano)
     with torch.no_grad():
         mean = layer(pose=torch.cat([torch.zeros(1, 3), layer.hands_mean[None]], 1))
     tile = lambda a: np.repeat(a.numpy(), cfg.n_eval, axis=0)  # noqa: E731

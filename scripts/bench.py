@@ -8,7 +8,7 @@ Sections (pick some with --only):
   inference  images/s of the fine-tuned network in eval mode under torch.no_grad, per preset
   mano       poses/s of the MANO layer forward (mano.MANO, batch 1024)
   metrics    seconds of evaluate.score on 3960 samples x 778 vertices (FreiHAND's evaluation size)
-  synth      images/s of synthetic rendering at 224 px (data.synth)
+  synth      images/s of synthetic rendering at 224 px (synthetic.synth)
   data       images/s of the pretraining augmentation (two 224 px views) through a DataLoader
 Presets: tiny (ViT-Ti, 6 blocks, 128 px: the CPU quick start), small (ViT-S/16, 224 px), base (ViT-B/16,
 224 px: the paper's). Model rows give GFLOP/img (forward FLOPs from model.model_summary; a training step
@@ -39,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'scripts')]
 import data  # noqa: E402
+import synthetic  # noqa: E402
 import engine  # noqa: E402
 import evaluate  # noqa: E402
 import finetune as FT  # noqa: E402
@@ -150,7 +151,7 @@ def bench_pretrain(cfg, spec, device):
 def regressor(cfg, spec, device):
     """finetune.py's network (ViT + MeshRegressor + MANO layer) and a random batch shaped like its loader's."""
     torch.manual_seed(0)
-    layer = mano_lib.MANO(random_official_sizes() if cfg.mano == 'random' else cfg.mano)
+    layer = mano_lib.MANO(random_official_sizes() if cfg.mano == 'random' else synthetic.mano_model(cfg.mano))
     B, S = spec['batch'], spec['img_size']
     pose, betas = torch.randn(B, 48) * 0.3, torch.randn(B, 10)
     with torch.no_grad():
@@ -204,7 +205,7 @@ def bench_inference(cfg, spec, device):
 # -------- MANO, metrics, data
 def bench_mano(cfg, device, tmp=None):
     B = 256 if cfg.quick else 1024
-    layer = mano_lib.MANO(random_official_sizes() if cfg.mano == 'random' else cfg.mano).to(device)
+    layer = mano_lib.MANO(random_official_sizes() if cfg.mano == 'random' else synthetic.mano_model(cfg.mano)).to(device)
     pose, betas = torch.randn(B, 48, device=device) * 0.5, torch.randn(B, 10, device=device)
     with torch.no_grad():
         seconds, _ = median_seconds(lambda: layer(pose, betas), cfg.repeats, cfg.warmup, device)
@@ -226,7 +227,7 @@ def synth_size(cfg):
 def bench_synth(cfg, device, tmp):
     n, size = synth_size(cfg)
     calls = itertools.count()  # a new folder per call
-    render = lambda: data.synth(os.path.join(tmp, f'synth{next(calls)}'), n, n_eval=0, img_size=size)  # noqa: E731
+    render = lambda: synthetic.synth(os.path.join(tmp, f'synth{next(calls)}'), n, n_eval=0, img_size=size)  # noqa: E731
     with contextlib.redirect_stderr(io.StringIO()):  # tqdm bars
         seconds, _ = median_seconds(render, cfg.repeats, cfg.warmup, CPU)
     return dict(images=n, img_size=size, img_per_s=n / seconds)
@@ -237,7 +238,7 @@ def bench_data(cfg, device, tmp):
     folder = os.path.join(tmp, 'synth0')
     if not os.path.isdir(folder):  # the synth section was skipped: render the images (untimed)
         with contextlib.redirect_stderr(io.StringIO()):
-            data.synth(folder, n, n_eval=0, img_size=size)
+            synthetic.synth(folder, n, n_eval=0, img_size=size)
     batch, per_repeat, workers = (2, 2, 1) if cfg.quick else (16, 4, cfg.workers)
     dataset = data.ImageFolder(os.path.join(folder, 'training', 'rgb'), transform=data.PretrainAugment(size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,

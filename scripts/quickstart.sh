@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # HandMIM end to end on a CPU, no data or MANO file needed (the README's quick start):
-#   1. render labelled synthetic hands in the FreiHAND layout       (data.py synth)
+#   1. render labelled synthetic hands in the FreiHAND layout       (synthetic.py)
 #   2. HandMIM self-supervised pretraining on their training images   (pretrain.py, 'tiny' preset)
 #   3. fine-tune ViT + PyMAF regressor on the MANO labels             (finetune.py)
 #   4. predict the held-out evaluation split, write the official pred.json and score it (evaluate.py),
@@ -36,7 +36,7 @@ else   # the sizes behind the README's quick-start numbers
   FINETUNE=(--epochs 7 --warmup_epochs 1 --w_hand 5)
 fi
 
-$PYTHON data.py synth "$OUT/hands" --n "$N" --img-size 64 --mano "$MANO"
+$PYTHON synthetic.py "$OUT/hands" --n "$N" --img_size 64 --mano "$MANO"
 $PYTHON pretrain.py --data "$OUT/hands" --preset tiny "${MODEL[@]}" --output_dir "$OUT/pretrain" "${PRETRAIN[@]}"
 $PYTHON finetune.py --data "$OUT/hands" --mano "$MANO" --pretrained "$OUT/pretrain/backbone.pth" \
     --arch vit_tiny --depth 6 "${MODEL[@]}" --head_width 64 --output_dir "$OUT/finetune" "${FINETUNE[@]}"

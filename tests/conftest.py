@@ -1,4 +1,4 @@
-"""Shared pytest setup: the repository root on sys.path, two CPU threads, fixed seeds."""
+"""Shared pytest setup: the repository root on sys.path, two CPU threads, fixed seeds, tiny synthetic sets."""
 import os
 import sys
 
@@ -15,3 +15,32 @@ def _seed_and_threads():
     np.random.seed(0)
     torch.set_num_threads(2)
     yield
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny synthetic sets shared by several test files
+# ----------------------------------------------------------------------------------------------------
+
+def make_synthetic_set(tmpdir, n, layout='freihand', n_eval=4, **kw):
+    """A tiny synthetic set written by synthetic.synth."""
+    import synthetic
+    out = os.path.join(str(tmpdir), f'{layout}_{n}')
+    if not os.path.isdir(out):
+        synthetic.synth(out, n, layout=layout, n_eval=n_eval, **kw)
+    return out
+
+
+@pytest.fixture(scope='session')
+def layer():
+    from data import resolve_mano
+    return resolve_mano('synthetic')
+
+
+@pytest.fixture(scope='session')
+def freihand_set(tmp_path_factory):
+    return make_synthetic_set(tmp_path_factory.mktemp('synth'), 6, 'freihand', n_eval=4, versions=2)
+
+
+@pytest.fixture(scope='session')
+def ho3d_set(tmp_path_factory):
+    return make_synthetic_set(tmp_path_factory.mktemp('synth'), 3, 'ho3d', n_eval=2)

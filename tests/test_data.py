@@ -6,7 +6,6 @@ Run: python -m pytest -x -q tests/test_data.py
 """
 import io
 import json
-import math
 import os
 import pickle
 import warnings
@@ -17,6 +16,8 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
+from mano import FREIHAND_TO_MANO, OPENGL_TO_OPENCV
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,13 +115,13 @@ def test_image_folder_skips_bad_files(tmp_path, monkeypatch):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='python data.py synth'):
+    with pytest.raises(FileNotFoundError, match='python synthetic.py'):
         data.ImageFolder(tmp_path / 'missing')
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(FileNotFoundError, match='python data.py synth'):
+    with pytest.raises(FileNotFoundError, match='python synthetic.py'):
         data.ImageFolder(tmp_path / 'empty')
     _write(tmp_path / 'empty' / 'x.jpg', b'')
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match='python data.py synth'):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match='python synthetic.py'):
         data.ImageFolder(tmp_path / 'empty')
 
 
@@ -220,137 +221,10 @@ def test_crop_transform_moves_labels_with_pixels():
     K = np.array([[600.0, 0, 320], [0, 580, 240], [0, 0, 1]])
     X = rng.uniform([-0.1, -0.1, 0.5], [0.1, 0.1, 0.7], (21, 3))
     A, K2, R = data.crop_transform(K, (300, 250), 200, 128, angle=0.7, shift=(5, -3))
-    uv = data.project(X, K)
+    uv = synthetic.project(X, K)
     moved = (A @ np.c_[uv, np.ones(21)].T).T[:, :2]          # the image point, moved by the warp
-    assert np.allclose(data.project(X @ R.T, K2), moved)      # = the rotated 3D point seen by K_crop
+    assert np.allclose(synthetic.project(X @ R.T, K2), moved)      # = the rotated 3D point seen by K_crop
     assert np.allclose(R @ R.T, np.eye(3)) and np.isclose(np.linalg.det(R), 1) and np.allclose(R[2], [0, 0, 1])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rasterizer against analytic cases
-# ----------------------------------------------------------------------------------------------------
-
-def _square(x0, x1, y0, y1, z, f):
-    """A camera-facing square whose image is [x0, x1] x [y0, y1] (pixels) at depth z (K: focal f, pp 0)."""
-    return np.array([[x0, y0, 1], [x1, y0, 1], [x1, y1, 1], [x0, y1, 1]], np.float64) * [z / f, z / f, z]
-
-
-def test_rasterize_square_covers_exactly_its_projection():
-    f = 100.0
-    K = np.array([[f, 0, 0], [0, f, 0], [0, 0, 1]])
-    faces = np.array([[0, 1, 2], [0, 2, 3]])
-    face, bary = data.rasterize(_square(10.5, 50.5, 20.5, 40.5, 2.0, f), faces, K, (64, 64))
-    covered = face >= 0
-    assert covered.sum() == 40 * 20                               # pixel centres 11..50 x 21..40
-    assert covered[21:41, 11:51].all()
-    assert np.allclose(bary[covered].sum(1), 1) and (bary[covered] >= -1e-9).all()
-    # A square with random sub-pixel bounds: the count matches the area within the perimeter.
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        x0, y0 = rng.uniform(0, 20, 2)
-        x1, y1 = x0 + rng.uniform(10, 40), y0 + rng.uniform(10, 40)
-        face, _ = data.rasterize(_square(x0, x1, y0, y1, rng.uniform(0.5, 3), f), faces[:, ::-1], K, (64, 64))
-        expected = (np.floor(x1) - np.ceil(x0) + 1) * (np.floor(y1) - np.ceil(y0) + 1)
-        assert (face >= 0).sum() == expected
-
-
-def test_rasterize_matches_brute_force():
-    """Scanline spans vs testing every pixel centre against every triangle, on random triangles (some
-    with horizontal edges and vertices exactly on pixel rows)."""
-    rng = np.random.default_rng(0)
-    K = np.array([[20.0, 0, 11.5], [0, 20.0, 11.5], [0, 0, 1]])
-    uv = rng.uniform(-4, 28, (60, 2))
-    uv[:20, 1] = np.round(uv[:20, 1])                    # vertices on pixel-centre rows
-    uv[20:30, 1] = uv[30:40, 1]                          # shared y: horizontal edges
-    z = rng.uniform(1, 3, 60)
-    verts = np.c_[(uv - 11.5) / 20 * z[:, None], z]
-    faces = rng.integers(0, 60, (40, 3))
-    faces[:10] = np.c_[np.arange(20, 30), np.arange(30, 40), rng.integers(0, 20, 10)]
-    face, _ = data.rasterize(verts, faces, K, (24, 24))
-    ys, xs = np.mgrid[0:24, 0:24]
-    p = np.stack([xs.ravel(), ys.ravel()], 1).astype(float)      # (576, 2)
-    best, best_depth, margin = np.full(576, -1), np.zeros(576), np.full(576, np.inf)
-    for k, (a, b, c) in enumerate(faces):
-        T = np.array([uv[b] - uv[a], uv[c] - uv[a]]).T
-        if abs(np.linalg.det(T)) < 1e-6:
-            continue
-        l12 = np.linalg.solve(T, (p - uv[a]).T).T                 # (576, 2) barycentric of b and c
-        w = np.c_[1 - l12.sum(1), l12]
-        inside = (w >= -1e-9).all(1)
-        depth = w @ (1 / z[[a, b, c]])
-        near = inside & (depth > best_depth)
-        margin = np.where(inside, np.minimum(margin, np.abs(depth - best_depth)), margin)
-        best, best_depth = np.where(near, k, best), np.where(near, depth, best_depth)
-    clear = margin > 1e-6                                         # no depth tie between two triangles
-    assert clear.sum() > 300
-    assert (face.ravel()[clear] == best[clear]).all()
-
-
-def test_rasterize_depth_order_and_perspective_interpolation():
-    f = 100.0
-    K = np.array([[f, 0, 32], [0, f, 32], [0, 0, 1]])
-    far = _square(-20.5, 10.5, -20.5, 10.5, 3.0, f)
-    near = _square(-5.5, 20.5, -5.5, 20.5, 1.0, f)
-    for order in ((far, near), (near, far)):  # the nearer square wins whatever the face order
-        verts = np.concatenate(order)
-        faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
-        face, _ = data.rasterize(verts, faces, K, (64, 64))
-        near_ids = {0, 1} if order[0] is near else {2, 3}
-        assert face[40, 40] in near_ids and face[30, 30] in near_ids
-        assert face[15, 15] not in near_ids and face[15, 15] >= 0
-    # A tilted plane: the depth interpolated with the perspective-correct weights equals the ray hit.
-    verts = np.array([[-0.5, -0.5, 1.0], [0.5, -0.5, 2.0], [0.5, 0.5, 2.0], [-0.5, 0.5, 1.0]])
-    faces = np.array([[0, 1, 2], [0, 2, 3]])
-    face, bary = data.rasterize(verts, faces, K, (64, 64))
-    ys, xs = np.nonzero(face >= 0)
-    z = (verts[faces[face[ys, xs]]][..., 2] * bary[ys, xs]).sum(1)
-    # plane z = 1.5 + x, ray (x, y, 1) t with x = (u - 32) / f t  ->  t = 1.5 / (1 - (u - 32) / f)
-    assert np.allclose(z, 1.5 / (1 - (xs - 32) / f))
-
-
-def test_render_mesh_lambert_shading():
-    f = 100.0
-    K = np.array([[f, 0, 32], [0, f, 32], [0, 0, 1]])
-    faces = np.array([[0, 1, 2], [0, 2, 3]])
-    for tilt in (0.0, 0.6):  # a square rotated about the y axis by `tilt`
-        c, s = math.cos(tilt), math.sin(tilt)
-        corners = np.array([[-0.2, -0.2, 0], [0.2, -0.2, 0], [0.2, 0.2, 0], [-0.2, 0.2, 0]])
-        verts = corners @ np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]).T + [0, 0, 1.0]
-        img, mask = data.render_mesh(verts, faces, K, size=(64, 64), color=(1.0, 0.5, 0.25), light=(0, 0, -1),
-                                     ambient=0.3, specular=0.0, antialias=False, return_mask=True)
-        expected = np.rint(255 * np.array([1.0, 0.5, 0.25]) * (0.3 + 0.7 * c))
-        assert np.abs(img[32, 32].astype(int) - expected).max() <= 1
-        assert (img[~mask] == 0).all()
-    bg = np.full((64, 64, 3), 77, np.uint8)
-    out = data.render_mesh(verts, faces, K, image=bg)
-    assert (out[0, 0] == 77).all() and not (out[32, 32] == 77).all()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Synthetic sets and the key label test (issue 3 item 3)
-# ----------------------------------------------------------------------------------------------------
-
-def make_synthetic_set(tmpdir, n, layout='freihand', n_eval=4, **kw):
-    """A tiny synthetic set written by data.synth (other test files may copy this helper)."""
-    out = os.path.join(str(tmpdir), f'{layout}_{n}')
-    if not os.path.isdir(out):
-        data.synth(out, n, layout=layout, n_eval=n_eval, **kw)
-    return out
-
-
-@pytest.fixture(scope='session')
-def layer():
-    return data.MANO('synthetic')
-
-
-@pytest.fixture(scope='session')
-def freihand_set(tmp_path_factory):
-    return make_synthetic_set(tmp_path_factory.mktemp('synth'), 6, 'freihand', n_eval=4, versions=2)
-
-
-@pytest.fixture(scope='session')
-def ho3d_set(tmp_path_factory):
-    return make_synthetic_set(tmp_path_factory.mktemp('synth'), 3, 'ho3d', n_eval=2)
 
 
 def _load(root, name):
@@ -377,17 +251,17 @@ def test_freihand_61_values_reproduce_xyz_and_verts(freihand_set, layer, split):
     assert np.allclose(pose[:, 3:].numpy(), mano61[:, 0, 3:48] + layer.hands_mean.numpy(), atol=1e-6)
     assert np.allclose(_load(freihand_set, f'{split}_scale.json'), np.linalg.norm(xyz[:, 9] - xyz[:, 10], axis=1))
     # uv_root is keypoint 9 projected; (u, v, f / z) of the official convention
-    uv9 = data.project(xyz[:, 9:10], K)[:, 0]
+    uv9 = synthetic.project(xyz[:, 9:10], K)[:, 0]
     assert np.allclose(mano61[:, 0, 58:60], uv9, atol=1e-4)
     assert np.allclose(mano61[:, 0, 60], K[:, 0, 0] / xyz[:, 9, 2], rtol=1e-6)
     # projecting xyz with K lands on the rendered hand (the silhouette written while rendering)
     for i in range(len(xyz)):
         mask = np.asarray(Image.open(os.path.join(freihand_set, split, 'mask', '%08d.jpg' % i))) > 127
-        uv = np.rint(data.project(xyz[i], K[i])).astype(int)
+        uv = np.rint(synthetic.project(xyz[i], K[i])).astype(int)
         assert (uv >= 0).all() and (uv < 224).all()
         assert _dilate(mask, 2)[uv[:, 1], uv[:, 0]].all(), (split, i)
         # and the silhouette is the one of the stored mesh seen through K
-        face, _ = data.rasterize(verts[i], layer.faces.numpy(), K[i], (224, 224))
+        face, _ = synthetic.rasterize(verts[i], layer.faces.numpy(), K[i], (224, 224))
         assert ((face >= 0) == mask).mean() > 0.99
 
 
@@ -404,7 +278,7 @@ def test_freihand_loader_samples(freihand_set, layer):
         offset = s['root'] - out.joints[0, 0]
         assert (out.joints[0] + offset - s['joints3d']).abs().max() < 1e-5
         assert (out.vertices[0] + offset - s['verts']).abs().max() < 1e-5
-        assert torch.allclose(data.project(s['joints3d'].double(), s['K'].double()).float(), s['joints2d'], atol=1e-3)
+        assert torch.allclose(synthetic.project(s['joints3d'].double(), s['K'].double()).float(), s['joints2d'], atol=1e-3)
         assert torch.isclose(s['scale'], (s['joints3d'][9] - s['joints3d'][10]).norm(), atol=1e-6)
     # the two versions of a sample share labels and differ in looks
     a, b = train[2], train[8]
@@ -443,7 +317,7 @@ def test_finetune_augmentation_keeps_labels_on_the_hand(freihand_set, layer):
         out = layer(s['pose'][None], s['betas'][None])
         joints = out.joints[0] - out.joints[0, 0] + s['root']   # MANO re-posed with the rotated global orient
         assert (joints - s['joints3d']).abs().max() < 1e-5
-        uv = data.project(joints.double(), s['K'].double())
+        uv = synthetic.project(joints.double(), s['K'].double())
         assert torch.allclose(uv.float(), s['joints2d'], atol=1e-3)
         inside = ((uv >= 0) & (uv <= 159)).all(1)
         px = uv[inside].round().long().numpy()
@@ -451,7 +325,7 @@ def test_finetune_augmentation_keeps_labels_on_the_hand(freihand_set, layer):
 
 
 def test_ho3d_meta_and_loader(ho3d_set, layer):
-    C = data.OPENGL_TO_OPENCV
+    C = OPENGL_TO_OPENCV
     with open(os.path.join(ho3d_set, 'train.txt')) as f:
         ids = f.read().split()
     assert len(ids) == 3 and all(len(i.split('/')) == 2 for i in ids)
@@ -464,7 +338,7 @@ def test_ho3d_meta_and_loader(ho3d_set, layer):
     out = layer(torch.tensor(meta['handPose'][None], dtype=torch.float32),
                 torch.tensor(meta['handBeta'][None], dtype=torch.float32),
                 torch.tensor(meta['handTrans'][None], dtype=torch.float32))
-    assert np.abs(out.joints[0].numpy()[data.FREIHAND_TO_MANO] - meta['handJoints3D']).max() < 1e-5
+    assert np.abs(out.joints[0].numpy()[FREIHAND_TO_MANO] - meta['handJoints3D']).max() < 1e-5
     assert (meta['handJoints3D'][:, 2] < 0).all()
     ds = data.HO3D(ho3d_set, 'train', img_size=128)
     s = ds[0]
@@ -476,7 +350,7 @@ def test_ho3d_meta_and_loader(ho3d_set, layer):
     assert (out.vertices[0] + offset - s['verts']).abs().max() < 1e-5
     uv = s['joints2d']
     assert ((uv > 0) & (uv < 127)).all() and (uv.max(0).values - uv.min(0).values).max() > 40  # hand fills the crop
-    assert torch.allclose(data.project(s['joints3d'].double(), s['K'].double()).float(), uv, atol=1e-3)
+    assert torch.allclose(synthetic.project(s['joints3d'].double(), s['K'].double()).float(), uv, atol=1e-3)
     aug = data.HO3D(ho3d_set, 'train', img_size=128, augment=True)[1]
     out = layer(aug['pose'][None], aug['betas'][None])
     assert (out.joints[0] - out.joints[0, 0] + aug['root'] - aug['joints3d']).abs().max() < 1e-5
@@ -489,38 +363,14 @@ def test_ho3d_evaluation_crops_from_the_box(ho3d_set):
     for i in range(2):
         s = ev[i]
         assert not s['has_3d'] and not s['has_mano'] and s['verts'].shape == (0, 3)
-        assert np.allclose(s['root'].numpy(), data.OPENGL_TO_OPENCV @ gt_xyz[i, 0], atol=1e-6)  # wrist only
-        uv = data.project(gt_verts[i] @ data.OPENGL_TO_OPENCV, s['K'].double().numpy())  # GT mesh in the crop
+        assert np.allclose(s['root'].numpy(), OPENGL_TO_OPENCV @ gt_xyz[i, 0], atol=1e-6)  # wrist only
+        uv = synthetic.project(gt_verts[i] @ OPENGL_TO_OPENCV, s['K'].double().numpy())  # GT mesh in the crop
         assert (uv > 0).all() and (uv < 127).all() and np.ptp(uv, 0).max() > 60
-
-
-def test_synth_is_deterministic_and_cli(tmp_path, capsys):
-    a, b, c = (str(tmp_path / x) for x in 'abc')
-    data.main(['synth', a, '--n', '2', '--n-eval', '1', '--seed', '5'])
-    data.main(['synth', b, '--n', '2', '--n-eval', '1', '--seed', '5'])
-    data.synth(c, 2, n_eval=1, seed=6)
-    read = lambda root, p: open(os.path.join(root, p), 'rb').read()
-    for p in ('training/rgb/00000001.jpg', 'training_mano.json', 'evaluation_verts.json'):
-        assert read(a, p) == read(b, p) and read(a, p) != read(c, p)
-    with pytest.raises(SystemExit) as e:
-        data.main(['synth', str(tmp_path / 'd'), '--n', '2', '--layout', 'coco'])
-    assert e.value.code == 2 and 'layout' in capsys.readouterr().err
-
-
-def test_synth_samples_do_not_depend_on_batching(layer):
-    """Sample i draws only from its own generator: batches of 1 or 64 give the same hands and cameras."""
-    prior = data.pose_prior(data.load_mano('synthetic'))
-    with torch.no_grad():
-        one, all_ = (list(data._scenes(layer, prior, 5, 3, 0, (224, 224), data.FOCAL_RANGE, 224, batch=b))
-                     for b in (1, 64))
-    for a, b in zip(one, all_):
-        assert a[0] == b[0] and all(np.allclose(x, y, atol=1e-6) for x, y in zip(a[2:], b[2:]))
-    assert not np.allclose(one[0][5], one[1][5])
 
 
 def test_ho3d_synth_without_evaluation_split_and_pickled_datasets(tmp_path, freihand_set):
     # n_eval=0 used to crash inside the MANO layer (a batch of zero hands)
-    root = data.synth(str(tmp_path / 'h'), 1, layout='ho3d', n_eval=0)
+    root = synthetic.synth(str(tmp_path / 'h'), 1, layout='ho3d', n_eval=0)
     ds = data.HO3D(root, 'train', img_size=64)
     assert len(ds) == 1 and _load(root, 'evaluation_xyz.json').size == 0
     # DataLoader workers started with 'spawn' receive the dataset pickled: no lambdas in its state
@@ -557,24 +407,3 @@ def test_malformed_annotations_name_the_file(freihand_set, ho3d_set, tmp_path):
     os.remove(meta)
     with pytest.raises(FileNotFoundError, match=f'{fid}.pkl is missing'):
         data.HO3D(h, 'train')[0]
-
-
-def test_sampled_views_are_freihand_like_rotations():
-    # sample_view turns the rest hand so that its fingers point up the image (-y) and its palm normal
-    # faces the camera (+-z), then tilts and rolls it: check it on the synthetic hand's own rest frame.
-    from mano import MANO
-    layer = MANO('synthetic')
-    frame = data.rest_frame(layer(torch.zeros(1, 48)).joints[0].double().numpy())
-    assert np.allclose(frame.T @ frame, np.eye(3), atol=1e-9) and np.isclose(np.linalg.det(frame), 1)
-    rng = np.random.default_rng(0)
-    views = np.stack([data.sample_view(rng, frame) for _ in range(300)])      # (300, 3, 3)
-    assert np.allclose(views.transpose(0, 2, 1) @ views, np.eye(3), atol=1e-9)
-    assert np.allclose(np.linalg.det(views), 1)
-    fingers, normal = views @ frame[:, 0], views @ frame[:, 2]                # (300, 3) camera frame
-    assert fingers[:, 1].mean() < -0.6                                        # mostly up the image
-    assert np.abs(normal[:, 2]).mean() > 0.7                                  # palm or back to the camera
-    assert 0.3 < (normal[:, 2] > 0).mean() < 0.7                              # both sides, even odds
-    # no tilt and no roll: exactly fingers up, palm normal along the optical axis
-    R = data.sample_view(np.random.default_rng(1), frame, roll=0.0, tilt=0.0)
-    assert np.allclose(R @ frame[:, 0], [0, -1, 0], atol=1e-9)
-    assert np.allclose(np.abs(R @ frame[:, 2]), [0, 0, 1], atol=1e-9)

@@ -18,7 +18,7 @@ from PIL import Image
 
 import evaluate
 import finetune
-from data import project, synth
+from synthetic import project, synth, synthetic_mano
 from mano import MANO
 
 S = 64    # network input side
@@ -84,7 +84,7 @@ def right(setup, tmp_path_factory):
 def test_demo_writes_consistent_files(setup, right):
     _, images, crops = setup
     right, stderr = right
-    layer = MANO('synthetic')
+    layer = MANO(synthetic_mano())
     faces = layer.faces.numpy()
     assert sorted(os.listdir(right)) == ['a.npz', 'a.obj', 'a.png', 'demo_config.json', 'sub']  # broken.jpg: none
     assert sorted(os.listdir(right / 'sub')) == ['b.npz', 'b.obj', 'b.png']
@@ -143,7 +143,7 @@ def test_left_mirrors_the_right_hand(setup, right, tmp_path):
         Image.open(images / f'{name}.png').transpose(Image.FLIP_LEFT_RIGHT).save(mirrored / f'{name}.png')
     out = tmp_path / 'left'
     assert run(mirrored, ckpt, out, '--left') == 0
-    faces = MANO('synthetic').faces.numpy()
+    faces = MANO(synthetic_mano()).faces.numpy()
     for name in ('a', 'sub/b'):
         r, l = dict(np.load(right / f'{name}.npz')), dict(np.load(out / f'{name}.npz'))
         assert l['left'] and not r['left']

@@ -19,6 +19,7 @@ from scipy.linalg import orthogonal_procrustes
 
 import data
 import evaluate
+import synthetic
 
 U = 2.0 ** -7   # 7.8125 mm: sums, differences, squares and square roots of small multiples stay exact
 # HO3D (MANO + tips) order from FreiHAND order, as listed in the research notes (not computed from mano.py)
@@ -398,7 +399,7 @@ def test_submissions_of_the_synthetic_sets_score_zero(tmp_path):
     # read through the datasets (HO3D: only the wrist of the evaluation meta) and written as a submission,
     # must score 0 against it. The stored GT is rounded to 0.1 micrometre, the datasets give float32.
     for layout in evaluate.LAYOUTS:
-        root = data.synth(str(tmp_path / layout), n=1, n_eval=3, layout=layout)
+        root = synthetic.synth(str(tmp_path / layout), n=1, n_eval=3, layout=layout)
         if layout == 'freihand':
             samples = [data.FreiHAND(root, 'evaluation')[i] for i in range(3)]
             xyz, verts = (torch.stack([s[k] for s in samples]) for k in ('joints3d', 'verts'))

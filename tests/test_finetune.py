@@ -15,6 +15,7 @@ from evaluate import load_finetuned
 from finetune import load_pretrained, lr_decay_scale, mesh_losses
 from mano import MANO, axis_angle_to_matrix
 from model import MeshRegressor, build_regressor, camera_translation, interpolate_pos_embed, vit_small, vit_tiny
+from synthetic import synthetic_mano
 
 S = 64  # crop size of every test
 
@@ -26,7 +27,7 @@ def _one_thread():
 
 @pytest.fixture(scope='module')
 def mano():
-    return MANO('synthetic')
+    return MANO(synthetic_mano())
 
 
 def make_labels(mano, n, seed=0):
@@ -259,7 +260,7 @@ def test_tiny_batch_overfits(mano):
 
 @pytest.fixture(scope='module')
 def synth_set(tmp_path_factory):
-    from data import synth
+    from synthetic import synth
     return synth(tmp_path_factory.mktemp('hands') / 'synth', 12, img_size=S, n_eval=2)
 
 

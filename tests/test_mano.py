@@ -19,8 +19,10 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import mano
+import synthetic
 from mano import (FREIHAND_TO_MANO, MANO, MANO_TO_FREIHAND, axis_angle_to_matrix, find_mano,
-                  forward_kinematics, load_mano, matrix_to_axis_angle, save_mano, tree_levels)
+                  forward_kinematics, load_mano, matrix_to_axis_angle, tree_levels)
+from synthetic import save_mano
 
 MANO_PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14]
 
@@ -50,7 +52,7 @@ def random_mano(V=60, F=90, seed=0):
 def model(request):
     if request.param == 'random':
         return random_mano()
-    return load_mano('synthetic')
+    return load_mano(synthetic.synthetic_mano())
 
 
 def random_pose(B, generator=None, scale=0.8):
@@ -231,8 +233,8 @@ def test_save_load_round_trip(tmp_path, suffix):
 def test_written_pkl_is_portable(tmp_path):
     # The .pkl must load in a plain pickle.load (what smplx/manopth do) and name only modules that numpy 1
     # and old scipy also have: not numpy 2's private numpy._core or scipy's private scipy.sparse._csc.
-    d = load_mano('synthetic')
-    mano.save_mano(d, tmp_path / 'SYNTH_RIGHT.pkl')
+    d = load_mano(synthetic.synthetic_mano())
+    synthetic.save_mano(d, tmp_path / 'SYNTH_RIGHT.pkl')
     raw = (tmp_path / 'SYNTH_RIGHT.pkl').read_bytes()
     names = {arg.split(' ')[0] for op, arg, _ in pickletools.genops(raw) if op.name in ('GLOBAL', 'STACK_GLOBAL')}
     assert names and not any(n.startswith(('numpy._core', 'scipy.sparse._')) for n in names), names
@@ -261,7 +263,7 @@ def test_missing_file_error(tmp_path, monkeypatch):
     assert find_mano(tmp_path / 'mano') == str(tmp_path / 'mano' / 'MANO_RIGHT.pkl')
     monkeypatch.setenv('MANO_DIR', str(tmp_path / 'mano'))
     assert find_mano() == str(tmp_path / 'mano' / 'MANO_RIGHT.pkl')
-    assert find_mano('synthetic') == 'synthetic'
+    assert synthetic.mano_model('synthetic')['f'].shape == synthetic.synthetic_mano()['f'].shape   # no file needed
 
 
 def test_wrong_model_error(tmp_path):
@@ -364,18 +366,6 @@ def test_model_without_tip_ids_needs_778_vertices():
     del d['tip_ids']
     with pytest.raises(ValueError, match="60 vertices and no 'tip_ids'"):
         MANO(d)
-
-
-def test_render_and_cli(tmp_path, monkeypatch):
-    from PIL import Image
-    layer = MANO(random_mano())
-    mano.render_demo(layer, tmp_path / 'hands.png', size=64)
-    assert Image.open(tmp_path / 'hands.png').size == (5 * 64, 64 + 22)
-    assert layer.v_template.dtype == torch.float32                      # the caller's layer is untouched
-    monkeypatch.delenv('MANO_DIR', raising=False)
-    with pytest.raises(SystemExit) as err:
-        mano.main(['--render', str(tmp_path / 'x.png'), '--mano', str(tmp_path / 'missing.pkl')])
-    assert err.value.code == 2
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(os.environ.get('MANO_DIR', '-'), 'MANO_RIGHT.pkl')),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fixtures_vit_keys as fx
 import model as M
+from synthetic import synthetic_mano
 
 
 @pytest.fixture(autouse=True)
@@ -367,7 +368,7 @@ def test_weak_perspective_equals_pinhole_on_the_mano_plane():
 @pytest.fixture(scope='module')
 def mano():
     import mano as mano_module  # the project's MANO layer with its synthetic stand-in model
-    return mano_module.MANO('synthetic')
+    return mano_module.MANO(synthetic_mano())
 
 
 def tiny_regressor(mano, **kw):

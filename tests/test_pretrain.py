@@ -1,10 +1,8 @@
 """Tests for pretrain.py: shared training utilities, HandMIM components (masking, EMA teacher, the four
 losses, the view-to-view affine mapping), and short end-to-end runs (resume, DDP, bad input, NaN)."""
-import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -318,7 +316,7 @@ def test_empty_folder_stops_with_clear_error(tmp_path, capsys):
     (tmp_path / 'empty' / 'broken.png').write_bytes(b'')
     assert _run(tmp_path / 'empty', tmp_path / 'o') == 2
     err = capsys.readouterr().err
-    assert 'error: None of the files' in err and 'python data.py synth' in err and 'Traceback' not in err
+    assert 'error: None of the files' in err and 'python synthetic.py' in err and 'Traceback' not in err
 
 
 def test_resume_refuses_other_architecture(quick_run, tmp_path, capsys):

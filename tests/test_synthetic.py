@@ -1,10 +1,12 @@
-"""Tests of the synthetic stand-in MANO hand (SPEC.md section 3, issue 2 item 4).
+"""Tests of synthetic.py: the synthetic stand-in MANO hand, the rasterizer, the picture and the writer of
+synthetic sets.
 
 The hand is posed here with an independent, deliberately naive numpy LBS (Rodrigues, a
 joint-by-joint kinematic chain, linear blend skinning), so these tests check the model's arrays
-without trusting the MANO layer; one test also runs it through `mano.MANO` when that exists.
-Run: python -m pytest -q tests/test_synthetic_hand.py
+without trusting the MANO layer; one test also runs it through `mano.MANO`.
+Run: python -m pytest -q tests/test_synthetic.py
 """
+import math
 import os
 import subprocess
 import sys
@@ -12,8 +14,11 @@ import sys
 import numpy as np
 import pytest
 import scipy.sparse
+import torch
 
-from mano import synthetic_mano
+import synthetic
+from mano import MANO
+from synthetic import synthetic_mano
 
 PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14]
 # MANO joint ids of each digit's base joint; tip_ids are in the order thumb, index, middle, ring, pinky.
@@ -346,7 +351,7 @@ def digest(m):
 def test_lazy_fast_and_same_in_a_fresh_process(hand):
     """Nothing is built at import; the build is fast; another process (another hash seed)
     builds bit-identical arrays."""
-    code = (f'import time, mano as s, test_synthetic_hand as t; '
+    code = (f'import time, synthetic as s, test_synthetic as t; '
             'assert s._build.cache_info().currsize == 0; '
             't0 = time.time(); m = s.synthetic_mano(); print(time.time() - t0, t.digest(m))')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -380,3 +385,160 @@ def test_through_the_mano_layer(hand):
     out = pca(torch.zeros(1, 9))
     verts, _, _ = naive_lbs(hand, np.concatenate([np.zeros(3), hand['hands_mean']]))
     np.testing.assert_allclose(out.vertices[0].numpy(), verts, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rasterizer against analytic cases
+# ----------------------------------------------------------------------------------------------------
+
+def _square(x0, x1, y0, y1, z, f):
+    """A camera-facing square whose image is [x0, x1] x [y0, y1] (pixels) at depth z (K: focal f, pp 0)."""
+    return np.array([[x0, y0, 1], [x1, y0, 1], [x1, y1, 1], [x0, y1, 1]], np.float64) * [z / f, z / f, z]
+
+
+def test_rasterize_square_covers_exactly_its_projection():
+    f = 100.0
+    K = np.array([[f, 0, 0], [0, f, 0], [0, 0, 1]])
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    face, bary = synthetic.rasterize(_square(10.5, 50.5, 20.5, 40.5, 2.0, f), faces, K, (64, 64))
+    covered = face >= 0
+    assert covered.sum() == 40 * 20                               # pixel centres 11..50 x 21..40
+    assert covered[21:41, 11:51].all()
+    assert np.allclose(bary[covered].sum(1), 1) and (bary[covered] >= -1e-9).all()
+    # A square with random sub-pixel bounds: the count matches the area within the perimeter.
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x0, y0 = rng.uniform(0, 20, 2)
+        x1, y1 = x0 + rng.uniform(10, 40), y0 + rng.uniform(10, 40)
+        face, _ = synthetic.rasterize(_square(x0, x1, y0, y1, rng.uniform(0.5, 3), f), faces[:, ::-1], K, (64, 64))
+        expected = (np.floor(x1) - np.ceil(x0) + 1) * (np.floor(y1) - np.ceil(y0) + 1)
+        assert (face >= 0).sum() == expected
+
+
+def test_rasterize_matches_brute_force():
+    """Scanline spans vs testing every pixel centre against every triangle, on random triangles (some
+    with horizontal edges and vertices exactly on pixel rows)."""
+    rng = np.random.default_rng(0)
+    K = np.array([[20.0, 0, 11.5], [0, 20.0, 11.5], [0, 0, 1]])
+    uv = rng.uniform(-4, 28, (60, 2))
+    uv[:20, 1] = np.round(uv[:20, 1])                    # vertices on pixel-centre rows
+    uv[20:30, 1] = uv[30:40, 1]                          # shared y: horizontal edges
+    z = rng.uniform(1, 3, 60)
+    verts = np.c_[(uv - 11.5) / 20 * z[:, None], z]
+    faces = rng.integers(0, 60, (40, 3))
+    faces[:10] = np.c_[np.arange(20, 30), np.arange(30, 40), rng.integers(0, 20, 10)]
+    face, _ = synthetic.rasterize(verts, faces, K, (24, 24))
+    ys, xs = np.mgrid[0:24, 0:24]
+    p = np.stack([xs.ravel(), ys.ravel()], 1).astype(float)      # (576, 2)
+    best, best_depth, margin = np.full(576, -1), np.zeros(576), np.full(576, np.inf)
+    for k, (a, b, c) in enumerate(faces):
+        T = np.array([uv[b] - uv[a], uv[c] - uv[a]]).T
+        if abs(np.linalg.det(T)) < 1e-6:
+            continue
+        l12 = np.linalg.solve(T, (p - uv[a]).T).T                 # (576, 2) barycentric of b and c
+        w = np.c_[1 - l12.sum(1), l12]
+        inside = (w >= -1e-9).all(1)
+        depth = w @ (1 / z[[a, b, c]])
+        near = inside & (depth > best_depth)
+        margin = np.where(inside, np.minimum(margin, np.abs(depth - best_depth)), margin)
+        best, best_depth = np.where(near, k, best), np.where(near, depth, best_depth)
+    clear = margin > 1e-6                                         # no depth tie between two triangles
+    assert clear.sum() > 300
+    assert (face.ravel()[clear] == best[clear]).all()
+
+
+def test_rasterize_depth_order_and_perspective_interpolation():
+    f = 100.0
+    K = np.array([[f, 0, 32], [0, f, 32], [0, 0, 1]])
+    far = _square(-20.5, 10.5, -20.5, 10.5, 3.0, f)
+    near = _square(-5.5, 20.5, -5.5, 20.5, 1.0, f)
+    for order in ((far, near), (near, far)):  # the nearer square wins whatever the face order
+        verts = np.concatenate(order)
+        faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+        face, _ = synthetic.rasterize(verts, faces, K, (64, 64))
+        near_ids = {0, 1} if order[0] is near else {2, 3}
+        assert face[40, 40] in near_ids and face[30, 30] in near_ids
+        assert face[15, 15] not in near_ids and face[15, 15] >= 0
+    # A tilted plane: the depth interpolated with the perspective-correct weights equals the ray hit.
+    verts = np.array([[-0.5, -0.5, 1.0], [0.5, -0.5, 2.0], [0.5, 0.5, 2.0], [-0.5, 0.5, 1.0]])
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    face, bary = synthetic.rasterize(verts, faces, K, (64, 64))
+    ys, xs = np.nonzero(face >= 0)
+    z = (verts[faces[face[ys, xs]]][..., 2] * bary[ys, xs]).sum(1)
+    # plane z = 1.5 + x, ray (x, y, 1) t with x = (u - 32) / f t  ->  t = 1.5 / (1 - (u - 32) / f)
+    assert np.allclose(z, 1.5 / (1 - (xs - 32) / f))
+
+
+def test_render_mesh_lambert_shading():
+    f = 100.0
+    K = np.array([[f, 0, 32], [0, f, 32], [0, 0, 1]])
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    for tilt in (0.0, 0.6):  # a square rotated about the y axis by `tilt`
+        c, s = math.cos(tilt), math.sin(tilt)
+        corners = np.array([[-0.2, -0.2, 0], [0.2, -0.2, 0], [0.2, 0.2, 0], [-0.2, 0.2, 0]])
+        verts = corners @ np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]).T + [0, 0, 1.0]
+        img, mask = synthetic.render_mesh(verts, faces, K, size=(64, 64), color=(1.0, 0.5, 0.25), light=(0, 0, -1),
+                                     ambient=0.3, specular=0.0, antialias=False, return_mask=True)
+        expected = np.rint(255 * np.array([1.0, 0.5, 0.25]) * (0.3 + 0.7 * c))
+        assert np.abs(img[32, 32].astype(int) - expected).max() <= 1
+        assert (img[~mask] == 0).all()
+    bg = np.full((64, 64, 3), 77, np.uint8)
+    out = synthetic.render_mesh(verts, faces, K, image=bg)
+    assert (out[0, 0] == 77).all() and not (out[32, 32] == 77).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The picture and the writer of synthetic sets
+
+def test_render_and_cli(tmp_path, monkeypatch):
+    from PIL import Image
+    layer = MANO(synthetic.synthetic_mano())
+    synthetic.render_hand_poses(layer, tmp_path / 'hands.png', size=64)
+    assert Image.open(tmp_path / 'hands.png').size == (5 * 64, 64 + 22)
+    assert layer.v_template.dtype == torch.float32                      # the caller's layer is untouched
+    monkeypatch.delenv('MANO_DIR', raising=False)
+    assert synthetic.main(['--render', str(tmp_path / 'x.png'), '--mano', str(tmp_path / 'missing.pkl')]) == 2
+
+
+def test_synth_is_deterministic_and_cli(tmp_path, capsys):
+    a, b, c = (str(tmp_path / x) for x in 'abc')
+    assert synthetic.main([a, '--n', '2', '--n_eval', '1', '--seed', '5']) == 0
+    assert synthetic.main([b, '--n', '2', '--n_eval', '1', '--seed', '5']) == 0
+    synthetic.synth(c, 2, n_eval=1, seed=6)
+    read = lambda root, p: open(os.path.join(root, p), 'rb').read()
+    for p in ('training/rgb/00000001.jpg', 'training_mano.json', 'evaluation_verts.json'):
+        assert read(a, p) == read(b, p) and read(a, p) != read(c, p)
+    with pytest.raises(SystemExit) as e:
+        synthetic.main([str(tmp_path / 'd'), '--n', '2', '--layout', 'coco'])
+    assert e.value.code == 2 and 'layout' in capsys.readouterr().err
+
+
+def test_synth_samples_do_not_depend_on_batching(layer):
+    """Sample i draws only from its own generator: batches of 1 or 64 give the same hands and cameras."""
+    prior = synthetic.pose_prior(synthetic.synthetic_mano())
+    with torch.no_grad():
+        one, all_ = (list(synthetic._scenes(layer, prior, 5, 3, 0, (224, 224), synthetic.FOCAL_RANGE, 224, batch=b))
+                     for b in (1, 64))
+    for a, b in zip(one, all_):
+        assert a[0] == b[0] and all(np.allclose(x, y, atol=1e-6) for x, y in zip(a[2:], b[2:]))
+    assert not np.allclose(one[0][5], one[1][5])
+
+
+def test_sampled_views_are_freihand_like_rotations():
+    # sample_view turns the rest hand so that its fingers point up the image (-y) and its palm normal
+    # faces the camera (+-z), then tilts and rolls it: check it on the synthetic hand's own rest frame.
+    layer = MANO(synthetic.synthetic_mano())
+    frame = synthetic.rest_frame(layer(torch.zeros(1, 48)).joints[0].double().numpy())
+    assert np.allclose(frame.T @ frame, np.eye(3), atol=1e-9) and np.isclose(np.linalg.det(frame), 1)
+    rng = np.random.default_rng(0)
+    views = np.stack([synthetic.sample_view(rng, frame) for _ in range(300)])      # (300, 3, 3)
+    assert np.allclose(views.transpose(0, 2, 1) @ views, np.eye(3), atol=1e-9)
+    assert np.allclose(np.linalg.det(views), 1)
+    fingers, normal = views @ frame[:, 0], views @ frame[:, 2]                # (300, 3) camera frame
+    assert fingers[:, 1].mean() < -0.6                                        # mostly up the image
+    assert np.abs(normal[:, 2]).mean() > 0.7                                  # palm or back to the camera
+    assert 0.3 < (normal[:, 2] > 0).mean() < 0.7                              # both sides, even odds
+    # no tilt and no roll: exactly fingers up, palm normal along the optical axis
+    R = synthetic.sample_view(np.random.default_rng(1), frame, roll=0.0, tilt=0.0)
+    assert np.allclose(R @ frame[:, 0], [0, -1, 0], atol=1e-9)
+    assert np.allclose(np.abs(R @ frame[:, 2]), [0, 0, 1], atol=1e-9)
