@@ -214,7 +214,7 @@ def gaussian_blur(x, sigma):
     return F.conv2d(x, k[:, :, :, None], groups=3)[0]
 
 
-# 3. Pretraining views (iBOT multi-crop as similarity transforms, SPEC.md section 6)
+# 3. Pretraining views (iBOT multi-crop as similarity transforms)
 
 class PretrainAugment:
     """PIL image -> dict(views=[(3,S,S), (3,S,S), (3,s,s)...], affines=[(2,3), ...]), global views first.
@@ -481,6 +481,12 @@ class HO3D(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.ids)
+
+    def wrist(self, i):
+        """The camera-frame wrist of sample i from its meta file alone (evaluation: what submissions are put at)."""
+        seq, fid = self.ids[i].split('/')
+        keys = self.TRAIN_KEYS if self.split == 'train' else self.EVAL_KEYS
+        return self.annotation(_read_meta(os.path.join(self.root, self.split, seq, 'meta', fid + '.pkl'), keys))['root']
 
     def annotation(self, meta):
         """OpenGL/MANO-order meta -> numpy labels in the OpenCV frame and internal order."""

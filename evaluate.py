@@ -1,4 +1,4 @@
-"""Official FreiHAND / HO3Dv2 hand-mesh metrics, official submission files, and a demo (SPEC.md section 8).
+"""Official FreiHAND / HO3Dv2 hand-mesh metrics, official submission files, inference and a demo.
 
 HandMIM (Liu et al., arXiv 2307.16061) reports PA-MPVPE 6.29 mm on FreiHAND and 8.00 mm on HO3Dv2, as
 computed by the benchmarks' own scorers: lmb-freiburg/freihand `eval.py` + `utils/eval_util.py` and
@@ -24,33 +24,41 @@ dataset folder's evaluation_xyz.json / evaluation_verts.json in the same convent
 this file works in the internal convention (FreiHAND order, OpenCV) and converts at the file boundary.
 
 Run:
+    python evaluate.py --data FreiHAND_pub_v2 --checkpoint runs/finetune/best.pth --out out/   # submission
+        (HO3Dv2: --data HO3D_v2; `--mean_hand` instead of a checkpoint: the mean-hand baseline); scored
+        (scores.json, errors.png) when the evaluation ground truth is in the folder
     python evaluate.py --score out/pred.json --gt FreiHAND_pub_v2     # or pred.zip; --layout ho3d
-    python evaluate.py --images DIR --checkpoint CKPT --out DIR [--left] [--focal 2.34]
-        demo (see the DEMO section): per hand crop an overlay PNG, an OBJ mesh and the MANO fit (.npz)
-In Python: `score(pred_xyz, pred_verts, gt_xyz, gt_verts)` -> dict in metres; `write_submission(...)`.
+    python evaluate.py --images DIR --checkpoint CKPT --out DIR [--left] [--side] [--focal 2.34]
+        demo (see the DEMO section): per hand crop a picture, an OBJ mesh and the MANO fit (.npz)
+    python evaluate.py --plot runs/finetune                           # training curves of a run
+In Python: `score(pred_xyz, pred_verts, gt_xyz, gt_verts)` -> dict in metres; `write_submission(...)`;
+`load_finetuned(path)` and `predict(model, loader)`: a fine-tuned network and its camera-frame meshes.
+The Procrustes alignment itself is `engine.procrustes` (fine-tuning validates with it too).
 
 Shapes: B samples, J = 21 joints (internal FreiHAND order unless a name says HO3D), V vertices,
 N points (J or V) of a set, M points of the other set, T thresholds.
 """
+import dataclasses
 import json
 import os
 import sys
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from data import _show, find_images, load_rgb, normalize, resolve_mano, to_tensor
-from engine import (as_f64, atomic_open, autocast, config_from_cli, load_checkpoint, procrustes, procrustes_params,
+from data import HO3D, FreiHAND, _show, find_images, load_rgb, normalize, resolve_mano, to_tensor
+from engine import (as_f64, atomic_open, autocast, load_checkpoint, option, procrustes, procrustes_params, run_cli,
                     read_json, write_atomic)
 from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND, matrix_to_axis_angle
 from model import build_regressor, camera_translation
+from plot import draw_skeleton, overlay_mesh, plot_errors, plot_run
 from synthetic import project, render_mesh
 
 F_THRESHOLDS = (0.005, 0.015)     # metres: the official `f_threshs`
@@ -178,6 +186,20 @@ def score(pred_xyz, pred_verts, gt_xyz, gt_verts, f_thresholds=F_THRESHOLDS):
     return m
 
 
+def error_profile(pred_xyz, pred_verts, gt_xyz, gt_verts):
+    """Where the aligned error is: mean error per joint (mm, (21,)), and the PCK curves behind pa_auc_j and
+    pa_auc_v on the official thresholds (vertices only when the meshes have the same vertex count)."""
+    pred_xyz, pred_verts, gt_xyz, gt_verts = (as_f64(x) for x in (pred_xyz, pred_verts, gt_xyz, gt_verts))
+    t = np.linspace(*AUC_RANGE)
+    err_j = point_errors(procrustes(pred_xyz, gt_xyz), gt_xyz)                          # (B, J)
+    out = dict(joint_mm=1000 * err_j.mean(0), thresholds_mm=1000 * t, pck_j=pck_curve(err_j, t).mean(0),
+               auc_j=auc_pck(err_j), pck_v=None)
+    if pred_verts.shape[1] == gt_verts.shape[1]:
+        err_v = point_errors(procrustes(pred_verts, gt_verts), gt_verts)
+        out.update(pck_v=pck_curve(err_v, t).mean(0), auc_v=auc_pck(err_v))
+    return out
+
+
 def official_scores(m, layout):
     """The metrics under the names and units of the official scores.txt (errors in cm; NaN -> None)."""
     al = 'xyz_procrustes_al' if layout == 'ho3d' else 'xyz_al'
@@ -302,7 +324,8 @@ def load_ground_truth(gt_dir, layout):
 
 
 def score_files(pred_path, gt_dir, layout='auto'):
-    """Score a submission file against a dataset folder's GT; returns (metrics dict, layout, count)."""
+    """Score a submission file against a dataset folder's GT -> (metrics dict, layout, the four arrays
+    (pred xyz, pred verts, GT xyz, GT verts) in the internal convention)."""
     layout = detect_layout(gt_dir) if layout == 'auto' else layout
     gt_xyz, gt_verts = load_ground_truth(gt_dir, layout)
     xyz, verts = load_prediction(pred_path)
@@ -311,7 +334,7 @@ def score_files(pred_path, gt_dir, layout='auto'):
                          f'{len(gt_xyz)} (real evaluation splits: FreiHAND 3960, HO3Dv2 11524)')
     xyz, verts = from_layout(xyz, verts, layout)
     gt_xyz, gt_verts = from_layout(gt_xyz, gt_verts, layout)
-    return score(xyz, verts, gt_xyz, gt_verts), layout, len(xyz)
+    return score(xyz, verts, gt_xyz, gt_verts), layout, (xyz, verts, gt_xyz, gt_verts)
 
 
 def format_table(m):
@@ -347,19 +370,22 @@ def load_finetuned(path, device='cpu', mano=None):
 
 
 @torch.no_grad()
-def predict(model, loader, device='cpu', amp='off'):
+def predict(model, loader, device='cpu', amp='off', with_root=False):
     """Camera-frame predictions of the last iteration in the loader's order -> (xyz (N, J, 3), verts
-    (N, V, 3)) float32 numpy arrays in metres: the MANO-frame mesh moved by `model.camera_translation`."""
+    (N, V, 3)) float32 numpy arrays in metres: the MANO-frame mesh moved by `model.camera_translation`;
+    with `with_root` also the samples' labelled wrists (N, 3) (HO3D's evaluation meta has them)."""
     model.eval()
-    xyz, verts = [], []
-    for batch in tqdm(loader, desc='predict', leave=False):
+    xyz, verts, roots = [], [], []
+    for batch in tqdm(loader, desc='predict', unit='batch'):
+        roots.append(batch['root'])
         images, K = batch['image'].to(device), batch['K'].to(device).float()
         with autocast(device, amp):
             out = model(images)[-1]
         T = camera_translation(out['cam'].float(), K, images.shape[-1])[:, None]  # (B, 1, 3)
         xyz.append((out['joints'].float() + T).cpu())
         verts.append((out['vertices'].float() + T).cpu())
-    return torch.cat(xyz).numpy(), torch.cat(verts).numpy()
+    out = torch.cat(xyz).numpy(), torch.cat(verts).numpy()
+    return (*out, torch.cat(roots).numpy()) if with_root else out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,17 +410,6 @@ def predict(model, loader, device='cpu', amp='off'):
 # conversion is pose.reshape(16, 3) * (1, -1, -1) per joint, i.e. M R M with M = diag(-1, 1, 1), and
 # transl * (-1, 1, 1); we store the right-hand values, which are exact for the model we ran.)
 
-# The joint colours of FreiHAND's `plot_hand` (utils/fh_utils.py): wrist grey, then each finger base to
-# tip in four shades, channel-reversed as plot_hand does, which makes the thumb blue, index cyan, middle
-# green, ring orange and pinky magenta. A bone takes the colour of its child joint.
-FREIHAND_COLORS = np.array([
-    [0.4, 0.4, 0.4],
-    [0.4, 0.0, 0.0], [0.6, 0.0, 0.0], [0.8, 0.0, 0.0], [1.0, 0.0, 0.0],
-    [0.4, 0.4, 0.0], [0.6, 0.6, 0.0], [0.8, 0.8, 0.0], [1.0, 1.0, 0.0],
-    [0.0, 0.4, 0.2], [0.0, 0.6, 0.3], [0.0, 0.8, 0.4], [0.0, 1.0, 0.5],
-    [0.0, 0.2, 0.4], [0.0, 0.3, 0.6], [0.0, 0.4, 0.8], [0.0, 0.5, 1.0],
-    [0.4, 0.0, 0.4], [0.6, 0.0, 0.6], [0.7, 0.0, 0.8], [1.0, 0.0, 1.0]])[:, ::-1]  # (21, 3) RGB
-HAND_BONES = [(0 if k % 4 == 1 else k - 1, k) for k in range(1, 21)]  # wrist -> base -> ... -> tip
 DEMO_KEYS = ('pose', 'betas', 'cam', 'transl', 'joints', 'vertices', 'K', 'K_crop', 'K_image', 'left')
 
 
@@ -421,19 +436,6 @@ def crop_intrinsics(focal, size):
 def mirror_x(points):
     """Mirror (..., 3) camera-frame points in the x = 0 plane (a horizontally flipped crop)."""
     return points * np.array([-1.0, 1.0, 1.0], dtype=points.dtype)
-
-
-def draw_skeleton(image, uv, radius=3.0, width=2):
-    """(H, W, 3) uint8 with the 21 joints (FreiHAND order, pixels (21, 2)) as FreiHAND-coloured bones
-    and dots, as FreiHAND's plot_hand draws them."""
-    pil = Image.fromarray(image)
-    draw = ImageDraw.Draw(pil)
-    rgb = [tuple(int(round(255 * c)) for c in col) for col in FREIHAND_COLORS]
-    for a, b in HAND_BONES:
-        draw.line([tuple(uv[a]), tuple(uv[b])], fill=rgb[b], width=width)
-    for (u, v), col in zip(uv, rgb):
-        draw.ellipse([u - radius, v - radius, u + radius, v + radius], fill=col, outline=(255, 255, 255))
-    return np.asarray(pil)
 
 
 def obj_text(verts, faces):
@@ -472,15 +474,22 @@ def predict_hand(model, crop, focal, left=False, device='cpu'):
     return res
 
 
-def overlay(image, box, res, faces, S, size):
-    """(size, size, 3) uint8: the crop `box` of `image` (PIL) with the mesh of `res` (predicted on that crop
-    resized to S) rendered over it by data.py's shaded z-buffer renderer, and the 21 joints drawn.
-    Returns it and its intrinsics K (3, 3): the network crop's camera moved to this resolution."""
+def demo_picture(image, box, res, faces, S, size, side=False):
+    """The picture of one prediction, `size` px per panel: [the crop `box` of `image` (PIL) | the same crop with
+    the predicted mesh, translucent, and its 21 joints | with `side`: the mesh turned 90 degrees about the
+    vertical axis, on grey]. Returns it (uint8) and the crop camera's intrinsics K at `size` px."""
     K = crop_affine(box, size) @ np.linalg.inv(crop_affine(box, S)) @ res['K_crop']  # S px -> size px
-    background = np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
-    rendered = render_mesh(res['vertices'], faces, K, image=background)
+    crop = np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
     uv = project(res['joints'].astype(np.float64), K)  # (21, 2) pixels
-    return draw_skeleton(rendered, uv, radius=max(2.0, size / 100), width=max(1, round(size / 160))), K
+    drawn = draw_skeleton(overlay_mesh(crop, res['vertices'], faces, K), uv, radius=max(2.0, size / 100),
+                          width=max(1, round(size / 160)))
+    panels = [crop, drawn]
+    if side:  # about the vertical axis through the hand's centre, seen by the same camera
+        c = res['vertices'].mean(0)
+        turn = np.array([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # 90 degrees about y
+        panels.append(render_mesh((res['vertices'] - c) @ turn.T + c, faces, K,
+                                  image=np.full((size, size, 3), 200, np.uint8), color=(0.55, 0.75, 1.0)))
+    return np.concatenate(panels, 1), K
 
 
 def save_hand(stem, png, res, faces):
@@ -502,12 +511,6 @@ def save_hand(stem, png, res, faces):
     write_atomic(stem + '.npz', buf.getvalue())
 
 
-def _demo_device(name):
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('--device cuda was asked for but torch sees no GPU; use --device cpu')
-    return torch.device('cuda' if name == 'cuda' or (name == 'auto' and torch.cuda.is_available()) else 'cpu')
-
-
 def run_demo(cfg):
     """Predict every image under cfg.images and write <name>.png (overlay), <name>.obj, <name>.npz into
     cfg.out (same sub-folders). Checks the checkpoint and the folder before writing anything; files that
@@ -521,7 +524,7 @@ def run_demo(cfg):
     paths = [p for p in find_images(cfg.images) if os.path.commonpath([os.path.realpath(p), out_dir]) != out_dir]
     if not paths:
         raise ValueError(f'no images under {cfg.images} outside the output folder {cfg.out}')
-    device = _demo_device(cfg.device)
+    device = _device(cfg.device)
     try:
         model, net_cfg = load_finetuned(cfg.checkpoint, device, mano=cfg.mano or None)
     except (KeyError, TypeError, AttributeError) as e:  # a dict that only looks like ours
@@ -540,7 +543,7 @@ def run_demo(cfg):
         crop = image.resize((S, S), Image.BILINEAR, box=box)  # PIL filters by the scale: no aliasing
         res = predict_hand(model, crop, cfg.focal, cfg.left, device)
         degenerate += int(res['cam'][0] <= 0)
-        png, res['K'] = overlay(image, box, res, faces, S, cfg.overlay_size)
+        png, res['K'] = demo_picture(image, box, res, faces, S, cfg.overlay_size, cfg.side)
         res['K_image'] = np.linalg.inv(crop_affine(box, S)) @ res['K_crop']
         res['left'] = np.array(cfg.left)
         save_hand(os.path.join(cfg.out, name), png, res, faces)
@@ -555,63 +558,107 @@ def run_demo(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------
-# CLI
+# COMMANDS: submissions of a dataset's evaluation split, scoring, curves
 
-@dataclass
-class EvalConfig:
-    """Score an official pred.json/pred.zip against local ground truth, or run the demo on images."""
-    score: str = field(default='', metadata={'help': 'pred.json, pred.zip or a folder with pred.json to score '
-                                                     '(scores.json goes beside it)'})
-    gt: str = field(default='', metadata={'help': 'dataset folder with evaluation_xyz.json, evaluation_verts.json'})
-    layout: str = field(default='auto', metadata={'help': "the files' convention; auto: ho3d if the folder "
-                                                          "has evaluation.txt, else freihand",
-                                                  'choices': ['auto', *LAYOUTS]})
-    images: str = field(default='', metadata={'help': 'demo: folder of hand crops'})
-    checkpoint: str = field(default='', metadata={'help': 'demo: fine-tuned checkpoint (finetune.py best.pth)'})
-    out: str = field(default='', metadata={'help': 'demo: output folder'})
-    left: bool = field(default=False, metadata={'help': 'demo: the images show left hands (mirrored for the '
-                                                        'network, the mesh mirrored back)'})
-    focal: float = field(default=2.34, metadata={'help': 'demo: assumed focal length in units of the crop side '
-                                                         '(f px / crop px; FreiHAND ~ 525 / 224); for a known '
-                                                         'camera: its focal in px / min(width, height)'})
-    overlay_size: int = field(default=384, metadata={'help': 'demo: side of the overlay PNGs in px'})
-    mano: str = field(default='', metadata={'help': "demo: MANO model ('synthetic' or MANO_RIGHT.pkl) instead "
-                                                    "of the one the checkpoint was trained with"})
-    device: str = field(default='auto', metadata={'help': 'demo: where the network runs',
-                                                  'choices': ['auto', 'cpu', 'cuda']})
+def _device(name):
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda was asked for but torch sees no GPU; use --device cpu')
+    return torch.device('cuda' if name == 'cuda' or (name == 'auto' and torch.cuda.is_available()) else 'cpu')
+
+
+def run_predict(cfg):
+    """The official submission of cfg.data's evaluation split: pred.json and pred.zip in cfg.out, predicted by
+    cfg.checkpoint in batches (or, with --mean_hand, the MANO mean hand for every sample). Scored too
+    (scores.json, errors.png, the table) when the split's ground truth is there. Everything is checked
+    before anything is written."""
+    if not cfg.out:
+        raise ValueError('--data needs --out DIR (pred.json and pred.zip go there)')
+    if not (cfg.checkpoint or cfg.mean_hand):
+        raise ValueError('--data needs --checkpoint CKPT (finetune.py best.pth) or --mean_hand')
+    layout = detect_layout(cfg.data) if cfg.dataset == 'auto' else cfg.dataset
+    device = _device(cfg.device)
+    model, net = load_finetuned(cfg.checkpoint, device, cfg.mano or None) if cfg.checkpoint else (None, {})
+    layer = model.mano if model is not None else resolve_mano(cfg.mano or None, cfg.data)
+    Split = FreiHAND if layout == 'freihand' else HO3D
+    split = Split(cfg.data, 'evaluation', net.get('img_size', 64), mano=layer)
+    if model is not None:
+        loader = torch.utils.data.DataLoader(split, cfg.batch_size, num_workers=cfg.workers)
+        xyz, verts, roots = predict(model, loader, device, cfg.amp, with_root=True)
+    else:  # identity global rotation: the aligned metrics find the best one
+        with torch.no_grad():
+            mean = layer.cpu()(torch.cat([torch.zeros(1, 3), layer.hands_mean[None].float().cpu()], 1))
+        xyz, verts = (np.repeat(a.numpy(), len(split), axis=0) for a in (mean.joints, mean.vertices))
+        roots = np.stack([split.wrist(i) for i in range(len(split))]) if layout == 'ho3d' else None
+    path = write_submission(xyz, verts, cfg.out, layout, root=roots if layout == 'ho3d' else None)
+    print(f'{len(xyz)} {layout} evaluation samples predicted: {path} and pred.zip written')
+    try:
+        load_ground_truth(cfg.data, layout)
+    except FileNotFoundError:
+        print(f'{cfg.data} has no evaluation ground truth: upload pred.zip to the benchmark server to score it')
+        return None
+    return run_score(dataclasses.replace(cfg, score=path, gt=cfg.data, layout=layout))
 
 
 def run_score(cfg):
-    """Score, print the table, write scores.json next to the prediction (only if everything worked)."""
+    """Score, print the table, write scores.json and errors.png next to the prediction (only if it worked)."""
     if not cfg.gt:
         raise ValueError('--score needs --gt DIR, the dataset folder with the evaluation ground truth')
     pred = os.path.join(cfg.score, 'pred.json') if os.path.isdir(cfg.score) else cfg.score
-    metrics, layout, n = score_files(pred, cfg.gt, cfg.layout)
-    print(f'{n} samples, {layout} layout\n' + format_table(metrics))
-    result = dict(config=asdict(cfg), layout=layout, num_samples=n, metrics=_nan_to_none(metrics),
+    metrics, layout, arrays = score_files(pred, cfg.gt, cfg.layout)
+    print(f'{len(arrays[0])} samples, {layout} layout\n' + format_table(metrics))
+    result = dict(config=asdict(cfg), layout=layout, num_samples=len(arrays[0]), metrics=_nan_to_none(metrics),
                   official=official_scores(metrics, layout))   # the config is saved here, not beside pred.json
     out = os.path.join(os.path.dirname(pred), 'scores.json')  # beside pred.json, as the user named it
     write_atomic(out, json.dumps(result, indent=1))
-    print(f'scores written to {out}')
+    png = plot_errors(error_profile(*arrays), os.path.join(os.path.dirname(pred), 'errors.png'))
+    print(f'scores written to {out}, error per joint and PCK curves to {png}')
     return result
 
 
-def main(argv=None):
-    """CLI entry point; returns the exit code (2 with a one-line message for bad input, nothing written)."""
-    cfg = config_from_cli(EvalConfig, argv)
+@dataclass
+class EvalConfig:
+    """Official submissions and scores of a fine-tuned network, the demo on hand crops, training curves."""
+    data: str = option('', 'dataset root (FreiHAND v2 or HO3Dv2 layout): predict its evaluation split')
+    dataset: str = option('auto', 'layout of --data; auto: ho3d if it has evaluation.txt', choices=['auto', *LAYOUTS])
+    checkpoint: str = option('', 'fine-tuned network (finetune.py best.pth) for --data or --images')
+    mean_hand: bool = option(False, 'with --data: submit the MANO mean hand for every sample (a baseline)')
+    out: str = option('', 'output folder: pred.json, pred.zip, scores.json, errors.png; or the demo pictures')
+    score: str = option('', 'instead: score this pred.json / pred.zip (or folder with pred.json) against --gt')
+    gt: str = option('', 'with --score: dataset folder with evaluation_xyz.json and evaluation_verts.json')
+    layout: str = option('auto', "with --score: the files' convention; auto: ho3d if --gt has evaluation.txt",
+                         choices=['auto', *LAYOUTS])
+    images: str = option('', 'demo: folder of hand crops (with --checkpoint and --out)')
+    left: bool = option(False, 'demo: the images show left hands (mirrored for the network, the mesh mirrored back)')
+    side: bool = option(False, 'demo: add a third panel, the mesh turned 90 degrees (a side view)')
+    focal: float = option(2.34, 'demo: assumed focal length in units of the crop side (f px / crop px; FreiHAND '
+                                '~ 525 / 224); for a known camera: its focal in px / min(width, height)')
+    overlay_size: int = option(384, 'demo: side of each panel of the demo pictures in px')
+    plot: str = option('', 'instead: draw the training curves (curves.png) of this pretrain.py / finetune.py run')
+    mano: str = option('', "MANO model ('synthetic' or MANO_RIGHT.pkl) instead of the checkpoint's or the set's")
+    device: str = option('auto', 'where the network runs', choices=['auto', 'cpu', 'cuda'])
+    amp: str = option('off', 'mixed precision of the predictions', choices=['off', 'bf16', 'fp16'])
+    batch_size: int = option(64, 'images per batch of --data predictions')
+    workers: int = option(2, 'data-loading worker processes of --data predictions')
+
+
+def run(cfg):
     print(json.dumps(asdict(cfg)))
-    try:
-        if cfg.score:
-            run_score(cfg)
-        elif cfg.images:
-            run_demo(cfg)
-        else:
-            raise ValueError('nothing to do: give --score PRED.json --gt DIR, '
-                             'or --images DIR --checkpoint CKPT --out DIR')
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    if cfg.plot:
+        print(f'training curves written to {plot_run(cfg.plot)}')
+    elif cfg.score:
+        run_score(cfg)
+    elif cfg.images:
+        run_demo(cfg)
+    elif cfg.data:
+        run_predict(cfg)
+    else:
+        raise ValueError('nothing to do: give --data DIR --checkpoint CKPT --out DIR (a submission), --score '
+                         'PRED --gt DIR, --images DIR --checkpoint CKPT --out DIR (the demo) or --plot RUN_DIR')
+
+
+def main(argv=None):
+    """CLI entry point -> exit code (2 with a one-line message for bad input, nothing written)."""
+    return run_cli(EvalConfig, run, argv)
 
 
 if __name__ == '__main__':

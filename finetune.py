@@ -41,6 +41,7 @@ from engine import (KeyedSamples, NonFiniteGuard, Progress, autocast, backward_s
                     train_loop, trim_log)
 from mano import axis_angle_to_matrix
 from model import ARCHS, build_regressor
+from plot import draw_curves
 
 # Config fields that shape the weights: a checkpoint must match them to be resumed.
 ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter', 'head_width')
@@ -242,15 +243,22 @@ def make_datasets(cfg):
 
 
 @torch.no_grad()
-def validate(model, dataset, cfg, device, rank=0, world=1):
-    """{'pa_mpjpe_mm', 'pa_mpvpe_mm'} on `dataset`, sharded over the processes and all-reduced."""
+def validate(model, dataset, cfg, device, rank=0, world=1, mean_hand=False):
+    """{'pa_mpjpe_mm', 'pa_mpvpe_mm'} on `dataset`, sharded over the processes and all-reduced; with
+    `mean_hand`, of the MANO mean hand (hands_mean fingers, zero betas) instead of the network's predictions."""
     model.eval()
+    if mean_hand:
+        with torch.no_grad():
+            mean = model.mano(torch.cat([torch.zeros(1, 3, device=device), model.mano.hands_mean[None]], 1))
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # joint error, vertex error, samples
     for batch in torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers):
         gt_j, gt_v = batch['joints3d'].to(device), batch['verts'].to(device)
-        with autocast(device, cfg.amp):
-            out = model(batch['image'].to(device))[-1]
+        if mean_hand:
+            out = dict(joints=mean.joints.expand_as(gt_j), vertices=mean.vertices.expand_as(gt_v))
+        else:
+            with autocast(device, cfg.amp):
+                out = model(batch['image'].to(device))[-1]
         # Official protocol: joints and vertices each get their own similarity alignment.
         err_j = (procrustes(out['joints'].float(), gt_j) - gt_j).norm(dim=-1).mean(1)  # (B,)
         err_v = (procrustes(out['vertices'].float(), gt_v) - gt_v).norm(dim=-1).mean(1)
@@ -309,6 +317,11 @@ def train(cfg):
     if is_main:  # only now that data and weights are known to be good: a failed start writes nothing
         prepare_output_dir(cfg.output_dir, asdict(cfg))
         trim_log(out('log.jsonl'), progress.step)
+    if len(val_set) and progress.step == 0:   # the baseline every validation is read against
+        base = validate(model, val_set, cfg, device, rank, world, mean_hand=True)
+        print0('mean hand | validation ' + ' | '.join(f'{k[:-3]} {v:.2f} mm' for k, v in base.items()))
+        if is_main:
+            log_jsonl(out('log.jsonl'), dict(step=0, epoch=0, **{'val_mean_hand_' + k: v for k, v in base.items()}))
     peak_lr = cfg.blr * cfg.batch_size * world / 256
     weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, hand=cfg.w_hand, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta,
                    heatmap=cfg.w_heatmap)
@@ -362,6 +375,8 @@ def train(cfg):
     else:
         score = f'best validation PA-MPVPE {best:.2f} mm; ' if best < float('inf') else ''
         print0(f'done: {progress.step} steps, {guard.n_skipped} skipped (non-finite); {score}model in {out("best.pth")}')
+        if is_main:
+            draw_curves(cfg.output_dir)
     teardown_distributed()
     return stop or 0
 

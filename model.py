@@ -10,7 +10,7 @@ holds every network of both stages and imports nothing from the project:
   same features. Adds iBOT's learned mask token (iBOT: `masked_embed` (1, D); ours: `mask_token`
   (1, 1, D)).
 - `ProjectionHead` (iBOT/DINO), `PixelHead` (masked pixel regression), `PKAHead` (pseudo keypoints).
-- `MeshRegressor`: PyMAF on a plain ViT (SPEC.md section 5); the MANO layer is passed in.
+- `MeshRegressor`: PyMAF on a plain ViT; the MANO layer is passed in (`build_regressor` from a config).
 
 Run: `python model.py` prints the parameter count and FLOPs of each ViT preset;
 tests in tests/test_model.py, attention speed in scripts/bench_model.py.
@@ -326,7 +326,7 @@ class PixelHead(nn.Module):
 
 class PKAHead(nn.Module):
     """Pseudo-keypoint head: [CLS] token (B, D) -> K points (x, y) in [-1, 1] (tanh), in the
-    normalized coordinates of the view (same convention as the regressor's camera, SPEC.md 2)."""
+    normalized coordinates of the view (the convention of the regressor's camera, README)."""
 
     def __init__(self, embed_dim, num_keypoints, hidden_dim=None):
         super().__init__()
@@ -340,7 +340,7 @@ class PKAHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Geometry shared by the regressor and its users (SPEC.md section 2).
+# Geometry shared by the regressor and its users (conventions: README).
 
 def rotmat_to_rot6d(R):
     """(..., 3, 3) -> (..., 6): column 0 then column 1 (Zhou et al. 2019)."""
@@ -418,7 +418,7 @@ def farthest_point_sampling(points, n):
 
 
 # ----------------------------------------------------------------------------------------------
-# PyMAF mesh regressor on a plain ViT (Zhang et al. 2021; SPEC.md section 5).
+# PyMAF mesh regressor on a plain ViT (Zhang et al. 2021).
 
 def _deconv_block(in_dim, out_dim):
     """2x upsampling as in PyMAF / SimpleBaseline: ConvTranspose(k4, s2, p1) - BN - ReLU."""

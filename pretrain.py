@@ -43,6 +43,7 @@ from data import ImageFolder, PretrainAugment
 from engine import (KeyedSamples, NonFiniteGuard, Progress, autocast, backward_step, check_same_architecture,
                     cosine_schedule, load_checkpoint, make_scaler, option, param_groups, prepare_output_dir, print0,
                     run_cli, save_checkpoint, setup_distributed, teardown_distributed, train_loop, trim_log)
+from plot import draw_curves
 
 
 # -------- HandMIM components: masking, EMA teacher, losses, pseudo keypoints
@@ -517,6 +518,7 @@ def train(cfg):
         save_checkpoint(teacher['backbone'].state_dict(), out('backbone.pth'))
         print0(f"done: {progress.step} steps ({progress.images / max(progress.seconds, 1e-9):.1f} img/s), "
                f"{guard.n_skipped} skipped (non-finite); teacher backbone saved to {out('backbone.pth')}")
+        draw_curves(cfg.output_dir)
     teardown_distributed()
     return stop or 0
 

@@ -1,5 +1,5 @@
 """Tests for data.py: robust decoding, augmentation geometry, the rasterizer, and the key label test
-(issue 3 item 3): posing MANO with the stored FreiHAND 61 values / HO3D meta reproduces the stored joints
+posing MANO with the stored FreiHAND 61 values / HO3D meta reproduces the stored joints
 and vertices, and projecting them with K lands on the rendered hand.
 
 Run: python -m pytest -x -q tests/test_data.py
@@ -21,7 +21,7 @@ from mano import FREIHAND_TO_MANO, OPENGL_TO_OPENCV
 
 
 # ----------------------------------------------------------------------------------------------------
-# Bad input (SPEC.md section 4, issue item 5)
+# Bad input
 # ----------------------------------------------------------------------------------------------------
 
 def _jpeg_bytes(size=(32, 24), color=(200, 120, 60)):

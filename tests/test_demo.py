@@ -64,12 +64,15 @@ def signed_volume(verts, faces):
     return np.einsum('ij,ij->i', a, np.cross(b, c)).sum() / 6
 
 
-def drawn_mask(overlay_path, image_path):
-    """(D, D) bool: where the overlay differs from its input image (centre square resized to D)."""
+def bare_crop(image_path):
+    """(D, D, 3) int: the input image's centre square resized to D, as the demo shows it."""
     image = Image.open(image_path).convert('RGB')
-    box = evaluate.centre_square(*image.size)
-    bare = np.asarray(image.resize((D, D), Image.BICUBIC, box=box)).astype(int)
-    return np.abs(np.asarray(Image.open(overlay_path)).astype(int) - bare).sum(-1) > 12
+    return np.asarray(image.resize((D, D), Image.BICUBIC, box=evaluate.centre_square(*image.size))).astype(int)
+
+
+def drawn_mask(picture_path, image_path):
+    """(D, D) bool: where the right panel (mesh and joints) differs from the input image."""
+    return np.abs(np.asarray(Image.open(picture_path))[:, D:2 * D].astype(int) - bare_crop(image_path)).sum(-1) > 12
 
 
 @pytest.fixture(scope='module')
@@ -116,7 +119,8 @@ def test_demo_writes_consistent_files(setup, right):
         uv_crop = project(res['vertices'].astype(np.float64), res['K_crop'])
         assert np.allclose(uv, (uv_crop + 0.5) * D / S - 0.5, atol=1e-3)
         png = np.asarray(Image.open(right / f'{name}.png'))
-        assert png.shape == (D, D, 3)
+        assert png.shape == (D, 2 * D, 3)  # [the input | mesh and joints over it]
+        assert np.array_equal(png[:, :D], bare_crop(images / f'{name}.png'))  # the left half is the resized input
         # The mesh is drawn where it projects: those pixels differ from the bare (resized) crop.
         px = np.rint(uv).astype(int)
         assert drawn_mask(right / f'{name}.png', images / f'{name}.png')[px[:, 1], px[:, 0]].mean() > 0.8

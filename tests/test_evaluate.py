@@ -415,3 +415,46 @@ def test_submissions_of_the_synthetic_sets_score_zero(tmp_path):
         m = scores['metrics']
         assert max(m[k] for k in ('mpjpe', 'pa_mpjpe', 'st_mpjpe', 'mpvpe', 'pa_mpvpe')) < 1e-6, m
         assert m['f5'] == m['pa_f5'] == 1.0
+
+
+@pytest.mark.parametrize('layout', evaluate.LAYOUTS)
+def test_evaluation_command_round_trips_through_score_to_the_python_api(tmp_path, layout):
+    """`evaluate.py --data --checkpoint --out` writes pred.json / pred.zip of the evaluation split and scores it;
+    the scores equal those of predict + score in Python. `--mean_hand` writes the baseline the same way."""
+    from data import FreiHAND, HO3D, resolve_mano
+    from engine import save_checkpoint
+    from model import build_regressor
+    root = synthetic.synth(str(tmp_path / 'set'), n=1, n_eval=3, layout=layout, img_size=64)
+    net = dict(arch='vit_tiny', depth=1, img_size=32, patch_size=8, n_iter=3, head_width=16, mano='synthetic')
+    ckpt = str(tmp_path / 'best.pth')
+    save_checkpoint(dict(model=build_regressor(net, resolve_mano('synthetic')).state_dict(), config=net), ckpt)
+    out = tmp_path / 'sub'
+    assert evaluate.main(['--data', root, '--checkpoint', ckpt, '--out', str(out), '--workers', '0']) == 0
+    assert {'pred.json', 'pred.zip', 'scores.json', 'errors.png'} <= set(os.listdir(out))
+    written = json.loads((out / 'scores.json').read_text())['metrics']
+
+    model, _ = evaluate.load_finetuned(ckpt)
+    split = (FreiHAND if layout == 'freihand' else HO3D)(root, 'evaluation', 32, mano=model.mano)
+    xyz, verts, wrist = evaluate.predict(model, torch.utils.data.DataLoader(split, batch_size=2), with_root=True)
+    if layout == 'ho3d':   # HO3D scores absolute positions: the prediction is put at the meta's wrist
+        shift = wrist[:, None] - xyz[:, :1]
+        xyz, verts = xyz + shift, verts + shift
+    gt = evaluate.from_layout(*evaluate.load_ground_truth(root, layout), layout)
+    api = evaluate.score(xyz, verts, *gt)
+    for k in ('pa_mpjpe', 'pa_mpvpe', 'mpjpe', 'st_mpjpe', 'pa_f5', 'pa_f15'):
+        assert written[k] == pytest.approx(api[k], abs=1e-6), k
+
+    assert evaluate.main(['--data', root, '--mean_hand', '--out', str(tmp_path / 'mean'), '--workers', '0']) == 0
+    mean = json.loads((tmp_path / 'mean' / 'scores.json').read_text())['metrics']
+    layer = resolve_mano('synthetic')
+    with torch.no_grad():
+        m = layer(torch.cat([torch.zeros(1, 3), layer.hands_mean[None]], 1))
+    tile = lambda a: np.repeat(a.numpy(), 3, axis=0)
+    assert mean['pa_mpvpe'] == pytest.approx(evaluate.score(tile(m.joints), tile(m.vertices), *gt)['pa_mpvpe'], abs=1e-6)
+
+
+def test_evaluation_command_needs_its_inputs_and_writes_nothing_without(tmp_path, capsys):
+    out = tmp_path / 'sub'
+    assert evaluate.main(['--data', str(tmp_path / 'nowhere'), '--mean_hand', '--out', str(out)]) == 2
+    assert evaluate.main(['--data', str(tmp_path), '--out', str(out)]) == 2      # neither checkpoint nor mean hand
+    assert 'Traceback' not in capsys.readouterr().err and not out.exists()

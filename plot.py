@@ -1,0 +1,249 @@
+"""Pictures drawn with pillow alone: charts of runs and scores, and the hand drawings of the demo.
+
+  `Chart`             one panel: axes with ticks and labels, lines, bars, dashed reference lines.
+  `save_panels`       several panels in one PNG.
+  `plot_run`          the training curves of a pretrain.py or finetune.py run from its log.jsonl
+                      (`python evaluate.py --plot RUN_DIR`; both stages also draw them when they end).
+  `plot_errors`       where the error is: the aligned error per joint, grouped by finger, and the PCK
+                      curves behind AUC_J and AUC_V (`python evaluate.py --score` draws it).
+  `draw_skeleton`, `overlay_mesh`   the 21 joints and a translucent mesh over an image (the demo).
+No matplotlib: the project runs on torch, numpy, pillow, scipy and tqdm only.
+"""
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from engine import atomic_open
+from synthetic import render_mesh
+
+# FreiHAND's `plot_hand` colours (utils/fh_utils.py), channel-reversed as it draws them: wrist grey, then
+# each finger base to tip in four shades: thumb blue, index cyan, middle green, ring orange, pinky magenta.
+FREIHAND_COLORS = np.array([
+    [0.4, 0.4, 0.4],
+    [0.4, 0.0, 0.0], [0.6, 0.0, 0.0], [0.8, 0.0, 0.0], [1.0, 0.0, 0.0],
+    [0.4, 0.4, 0.0], [0.6, 0.6, 0.0], [0.8, 0.8, 0.0], [1.0, 1.0, 0.0],
+    [0.0, 0.4, 0.2], [0.0, 0.6, 0.3], [0.0, 0.8, 0.4], [0.0, 1.0, 0.5],
+    [0.0, 0.2, 0.4], [0.0, 0.3, 0.6], [0.0, 0.4, 0.8], [0.0, 0.5, 1.0],
+    [0.4, 0.0, 0.4], [0.6, 0.0, 0.6], [0.7, 0.0, 0.8], [1.0, 0.0, 1.0]])[:, ::-1]  # (21, 3) RGB
+HAND_BONES = [(0 if k % 4 == 1 else k - 1, k) for k in range(1, 21)]  # wrist -> base -> ... -> tip
+FINGERS = ('thumb', 'index', 'middle', 'ring', 'pinky')
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (23, 190, 207)]
+
+
+def _rgb(c):
+    return tuple(int(round(255 * v)) for v in c)
+
+
+def _font(size):
+    try:   # a scalable font where pillow has one (pillow >= 10.1 ships one), else its bitmap font
+        return ImageFont.load_default(size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi]."""
+    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12) / n))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [t for t in np.arange(math.floor(lo / step) * step, hi + step / 2, step) if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+class Chart:
+    """One panel of `size` px: call line/bars/hline/text in data coordinates, then `image()`. The y axis
+    is linear, or logarithmic with `log_y`; ranges are fitted to what was drawn unless given."""
+
+    def __init__(self, title, xlabel, ylabel, size=(480, 320), log_y=False, xlim=None, ylim=None):
+        self.title, self.xlabel, self.ylabel, self.size, self.log_y = title, xlabel, ylabel, size, log_y
+        self.xlim, self.ylim, self.items = xlim, ylim, []
+
+    def line(self, x, y, label=None, color=None, width=2):
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        ok = np.isfinite(x) & np.isfinite(y) & ((y > 0) if self.log_y else True)
+        self.items.append(('line', x[ok], y[ok], label, color or PALETTE[len(self.items) % len(PALETTE)], width))
+
+    def hline(self, y, label=None, color=(120, 120, 120)):
+        self.items.append(('hline', None, np.array([y], float), label, color, 1))
+
+    def bars(self, y, labels, colors=None, err=None):
+        """Bars at x = 0, 1, ... with category `labels` under them and optional +- `err` whiskers."""
+        y = np.asarray(y, float)
+        self.items.append(('bars', np.arange(len(y)), y, labels, colors, err))
+        self.xlim = self.xlim or (-0.7, len(y) - 0.3)
+
+    def _range(self):
+        xs = np.concatenate([i[1] for i in self.items if i[0] != 'hline'] or [np.zeros(1)])
+        ys = np.concatenate([i[2] if i[0] != 'bars' else np.r_[0, i[2] + (0 if i[5] is None else i[5])]
+                             for i in self.items] or [np.ones(1)])
+        x0, x1 = self.xlim or (xs.min(), xs.max() if xs.max() > xs.min() else xs.min() + 1)
+        if self.ylim:
+            return x0, x1, *self.ylim
+        y0, y1 = ys.min(), ys.max()
+        if self.log_y:
+            return x0, x1, 10 ** math.floor(math.log10(y0)), 10 ** math.ceil(math.log10(y1))
+        pad = 0.05 * (y1 - y0 or abs(y1) or 1)
+        return x0, x1, (0 if y0 >= 0 and any(i[0] == 'bars' for i in self.items) else y0 - pad), y1 + pad
+
+    def image(self):
+        W, H = self.size
+        img = Image.new('RGB', (W, H), 'white')
+        d, font, small = ImageDraw.Draw(img), _font(13), _font(11)
+        left, right, top, bottom = 64, W - 12, 28, H - 56
+        x0, x1, y0, y1 = self._range()
+        ty = (lambda v: math.log10(v)) if self.log_y else (lambda v: v)
+        X = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
+        Y = lambda v: bottom - (ty(v) - ty(y0)) / ((ty(y1) - ty(y0)) or 1) * (bottom - top)
+        d.text((W / 2, 6), self.title, fill='black', font=font, anchor='mt')
+        d.text((W / 2, H - 4), self.xlabel, fill='black', font=small, anchor='mb')
+        d.text((4, top - 16), self.ylabel, fill='black', font=small)
+        yt = ([10 ** k for k in range(round(ty(y0)), round(ty(y1)) + 1)] if self.log_y else _ticks(y0, y1))
+        for t in yt:
+            d.line([(left, Y(t)), (right, Y(t))], fill=(232, 232, 232))
+            d.text((left - 4, Y(t)), f'{t:g}', fill='black', font=small, anchor='rm')
+        if not any(i[0] == 'bars' for i in self.items):
+            for t in _ticks(x0, x1):
+                d.text((X(t), bottom + 4), f'{t:g}', fill='black', font=small, anchor='mt')
+        d.rectangle([left, top, right, bottom], outline='black')
+        legend = []
+        for kind, x, y, label, color, extra in self.items:
+            if kind == 'line' and len(x):
+                pts = [(X(a), Y(b)) for a, b in zip(x, y)]
+                d.line(pts, fill=color, width=extra) if len(pts) > 1 else None
+                for p in pts if len(pts) < 30 else []:
+                    d.ellipse([p[0] - 2.5, p[1] - 2.5, p[0] + 2.5, p[1] + 2.5], fill=color)
+            elif kind == 'hline':
+                for a in np.arange(left, right, 8):
+                    d.line([(a, Y(y[0])), (min(a + 4, right), Y(y[0]))], fill=color, width=2)
+            elif kind == 'bars':
+                w = 0.7 * (X(1) - X(0))
+                for k, (a, b) in enumerate(zip(x, y)):
+                    c = color[k] if isinstance(color, list) else (color or PALETTE[0])
+                    d.rectangle([X(a) - w / 2, Y(b), X(a) + w / 2, Y(max(y0, 0))], fill=c)
+                    if extra is not None:
+                        d.line([(X(a), Y(b - extra[k])), (X(a), Y(b + extra[k]))], fill='black', width=2)
+                    d.text((X(a), bottom + 4), str(label[k]), fill='black', font=small, anchor='mt')
+                label = None
+            if label:
+                legend.append((label, color))
+        for k, (label, color) in enumerate(legend):
+            y = top + 6 + 15 * k
+            d.rectangle([right - 150, y + 3, right - 140, y + 9], fill=color)
+            d.text((right - 136, y), label, fill='black', font=small)
+        return img
+
+
+def save_panels(charts, path, columns=2):
+    """Draw `charts` on a grid of `columns` into one PNG (atomically) -> path."""
+    imgs = [c.image() for c in charts]
+    W, H = imgs[0].size
+    rows = math.ceil(len(imgs) / columns)
+    sheet = Image.new('RGB', (W * min(columns, len(imgs)), H * rows), 'white')
+    for k, im in enumerate(imgs):
+        sheet.paste(im, ((k % columns) * W, (k // columns) * H))
+    with atomic_open(path) as f:
+        sheet.save(f, format='PNG')
+    return path
+
+
+# -------- training curves
+def read_log(path):
+    """log.jsonl -> list of records; a clear error for a missing or empty log."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist: --plot needs the folder of a pretrain.py or finetune.py run')
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    if not records:
+        raise ValueError(f'{path} is empty: nothing to plot yet')
+    return records
+
+
+def _series(records, key):
+    rows = [(r['step'], r[key]) for r in records if r.get(key) is not None]
+    return np.array(rows, float).T if rows else (np.zeros(0), np.zeros(0))
+
+
+def plot_run(run_dir, path=None):
+    """curves.png of a run: pretraining's four losses, teacher [CLS] entropy against its uniform ceiling and
+    the pseudo-keypoint spread; fine-tuning's loss terms and the validation PA-MPVPE next to the mean hand's."""
+    records = read_log(os.path.join(run_dir, 'log.jsonl'))
+    steps = {r['step'] for r in records}
+    if len(steps) < 2:
+        raise ValueError(f'{run_dir}/log.jsonl has one logged step: run longer (or lower --log_every) to plot curves')
+    cfg_path = os.path.join(run_dir, 'config.json')
+    cfg = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+    if any('t_entropy' in r for r in records):   # pretrain.py
+        losses = Chart('HandMIM pretraining losses', 'step', 'loss')
+        for k, name in (('cls', '[CLS] distillation'), ('pka', 'pseudo keypoints'), ('mim', 'patch MIM'),
+                        ('pix', 'pixels (normalized)')):
+            if any(k in r for r in records):
+                losses.line(*_series(records, k), name)
+        entropy = Chart('teacher [CLS] distribution', 'step', 'entropy (nats)')
+        entropy.line(*_series(records, 't_entropy'), 'centred teacher')
+        if cfg.get('out_dim'):
+            entropy.hline(math.log(cfg['out_dim']), 'uniform (collapse)')
+        spread = Chart('pseudo keypoints', 'step', 'spread across images ([-1, 1] units)')
+        spread.line(*_series(records, 'kp_spread'), 'std over the batch')
+        charts = [losses, entropy, spread]
+    else:   # finetune.py
+        terms = Chart('fine-tuning loss terms (last regressor iteration)', 'step', 'value', log_y=True)
+        for k in ('j3d', 'v3d', 'hand', 'j2d', 'rot', 'beta', 'heatmap'):
+            if any(k in r for r in records):
+                terms.line(*_series(records, k), k)
+        val = Chart('validation (held-out part of the training set)', 'step', 'PA-MPVPE (mm)')
+        x, y = _series(records, 'val_pa_mpvpe_mm')
+        if not len(x):
+            raise ValueError(f'{run_dir}/log.jsonl has no validation yet: it is logged at the end of each epoch')
+        val.line(x, y, 'fine-tuned')
+        mean = [r['val_mean_hand_pa_mpvpe_mm'] for r in records if 'val_mean_hand_pa_mpvpe_mm' in r]
+        if mean:
+            val.hline(mean[0], 'mean hand')
+        charts = [terms, val]
+    return save_panels(charts, path or os.path.join(run_dir, 'curves.png'))
+
+
+def draw_curves(run_dir):
+    """`plot_run` at the end of a stage: says where the picture went, or why there is none (a short run)."""
+    try:
+        print(f'training curves: {plot_run(run_dir)}')
+    except (ValueError, FileNotFoundError) as e:
+        print(f'no training curves: {e}')
+
+
+# -------- where the error is
+def plot_errors(profile, path):
+    """Per-joint aligned error bars (FreiHAND colours, grouped by finger) and the aligned PCK curves of joints
+    and vertices. `profile`: evaluate.error_profile's dict."""
+    joints = Chart('aligned error per joint (PA-MPJPE)', 'joint: wrist, then base -> tip per finger', 'mm',
+                   size=(640, 320))
+    names = ['W'] + [f'{f[0].upper()}{k}' for f in FINGERS for k in range(1, 5)]
+    joints.bars(profile['joint_mm'], names, colors=[_rgb(c) for c in FREIHAND_COLORS])
+    pck = Chart('PCK after Procrustes alignment', 'threshold (mm)', 'fraction within', size=(640, 320),
+                ylim=(0, 1.02))
+    pck.line(profile['thresholds_mm'], profile['pck_j'], f"joints (AUC_J {profile['auc_j']:.3f})")
+    if profile.get('pck_v') is not None:
+        pck.line(profile['thresholds_mm'], profile['pck_v'], f"vertices (AUC_V {profile['auc_v']:.3f})")
+    return save_panels([joints, pck], path, columns=1)
+
+
+# -------- hand drawings (the demo)
+def draw_skeleton(image, uv, radius=3.0, width=2):
+    """(H, W, 3) uint8 with the 21 joints (FreiHAND order, pixels (21, 2)) as FreiHAND-coloured bones
+    and dots, as FreiHAND's plot_hand draws them."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    rgb = [_rgb(c) for c in FREIHAND_COLORS]
+    for a, b in HAND_BONES:
+        draw.line([tuple(uv[a]), tuple(uv[b])], fill=rgb[b], width=width)
+    for (u, v), col in zip(uv, rgb):
+        draw.ellipse([u - radius, v - radius, u + radius, v + radius], fill=col, outline=(255, 255, 255))
+    return np.asarray(pil)
+
+
+def overlay_mesh(image, verts, faces, K, opacity=0.55, color=(0.55, 0.75, 1.0)):
+    """(H, W, 3) uint8: a shaded mesh blended over `image` at `opacity`, so the hand under it stays visible."""
+    shaded, mask = render_mesh(verts, faces, K, image=image, color=color, return_mask=True)
+    out = image.astype(np.float64)
+    out[mask] = (1 - opacity) * out[mask] + opacity * shaded[mask]
+    return np.rint(out).astype(np.uint8)
