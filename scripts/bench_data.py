@@ -1,4 +1,4 @@
-"""Benchmark of data.py (issue 3 items 1 and 6): synthetic rendering rate on one core, and the
+"""Benchmark of data.py: synthetic rendering rate on one core, and the
 pretraining input pipeline (JPEG decode + two global views with photometric jitter) alone, in the
 main process and through a DataLoader with worker processes.
 

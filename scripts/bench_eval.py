@@ -1,4 +1,4 @@
-"""Time the official-metric computation of evaluate.py at FreiHAND evaluation size (SPEC.md section 10).
+"""Time the official-metric computation of evaluate.py at FreiHAND evaluation size.
 
 Builds 3960 random hand-sized GT samples (21 joints, 778 vertices) and predictions that differ from them
 by a random similarity transform plus ~5 mm noise (so F@5/F@15 are not trivial), then times each stage

@@ -1,4 +1,4 @@
-"""Signs that HandMIM pretraining learns (issue 5, item 4), on a small synthetic hand set, on CPU.
+"""Signs that HandMIM pretraining learns, on a small synthetic hand set, on CPU.
 
 1. Pretrains a small ViT (ViT-Tiny width, 4 blocks, 64 px, 8 px patches) with pretrain.py for a few
    hundred steps on a few hundred synthetic hands and prints the loss curves from log.jsonl: the
