@@ -43,23 +43,20 @@ import json
 import os
 import sys
 import zipfile
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from data import HO3D, FreiHAND, _show, find_images, load_rgb, normalize, resolve_mano, to_tensor
+from data import HO3D, FreiHAND, resolve_mano
 from engine import (as_f64, atomic_open, autocast, load_checkpoint, option, procrustes, procrustes_params, run_cli,
                     read_json, write_atomic)
-from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND, matrix_to_axis_angle
+from mano import FREIHAND_TO_MANO, MANO_TO_FREIHAND
 from model import build_regressor, camera_translation
-from plot import draw_skeleton, overlay_mesh, plot_errors, plot_run
-from synthetic import project, render_mesh
+from plot import plot_errors, plot_run, run_demo
 
 F_THRESHOLDS = (0.005, 0.015)     # metres: the official `f_threshs`
 AUC_RANGE = (0.0, 0.05, 100)      # metres: the official `get_measures(0.0, 0.05, 100)`
@@ -389,175 +386,6 @@ def predict(model, loader, device='cpu', amp='off', with_root=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# DEMO: a fine-tuned network on a folder of hand crops -> overlay PNG, OBJ mesh, MANO parameters (.npz)
-#
-# Each image is taken to be a hand crop (as FreiHAND's are): its centred square of side L = min(width,
-# height) is resized to the network's input side S. Pixel centres sit at integer coordinates (as in
-# data.py), so that crop maps image pixel u to u' = (u - x0 + 1/2) S / L - 1/2, an affine map A. A single
-# image has no calibration, so the crop's pinhole camera is ASSUMED: focal f = focal x S (--focal, in
-# units of the crop side; 2.34 = 525 px on a 224 px crop, the middle of FreiHAND's range as data.py's
-# synthetic sets use it), principal point at the crop centre (S - 1)/2. The same camera in the pixels of
-# the input image is A^-1 K. `model.camera_translation` turns the regressor's weak-perspective camera
-# into the translation that puts the mesh in that camera's frame; its depth is only as right as the
-# focal length is (a wrong focal scales the depth, the 2D overlay stays where the network put it).
-#
-# Left hands (--left): the network knows right hands only. The crop is mirrored (u' -> S - 1 - u', which
-# with the principal point at the centre is x -> -x in the camera frame), the right hand predicted, and
-# its mesh mirrored back: x of vertices and joints negated, the faces' winding reversed (a mirror turns
-# an outward counter-clockwise surface inside out). The MANO parameters stored are those of the RIGHT
-# hand seen in the MIRRORED crop; MANO_right(pose, betas) + transl, with x negated, is the left hand.
-# (For the official MANO_LEFT model, which is close to the mirror image of the right one, the usual
-# conversion is pose.reshape(16, 3) * (1, -1, -1) per joint, i.e. M R M with M = diag(-1, 1, 1), and
-# transl * (-1, 1, 1); we store the right-hand values, which are exact for the model we ran.)
-
-DEMO_KEYS = ('pose', 'betas', 'cam', 'transl', 'joints', 'vertices', 'K', 'K_crop', 'K_image', 'left')
-
-
-def centre_square(width, height):
-    """PIL box (x0, y0, x1, y1) of an image's centred square, in pixel-edge coordinates."""
-    side = min(width, height)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return x0, y0, x0 + side, y0 + side
-
-
-def crop_affine(box, size):
-    """(3, 3) map from image pixels to the pixels of the square PIL `box` resized to `size` x `size`."""
-    x0, y0, x1, _ = box
-    k = size / (x1 - x0)
-    return np.array([[k, 0, (0.5 - x0) * k - 0.5], [0, k, (0.5 - y0) * k - 0.5], [0, 0, 1.0]])
-
-
-def crop_intrinsics(focal, size):
-    """(3, 3) pinhole intrinsics of a `size` px crop: focal `focal * size` px, principal point at its centre."""
-    f, c = focal * size, (size - 1) / 2
-    return np.array([[f, 0, c], [0, f, c], [0, 0, 1.0]])
-
-
-def mirror_x(points):
-    """Mirror (..., 3) camera-frame points in the x = 0 plane (a horizontally flipped crop)."""
-    return points * np.array([-1.0, 1.0, 1.0], dtype=points.dtype)
-
-
-def obj_text(verts, faces):
-    """Wavefront OBJ of a triangle mesh: `v x y z` lines (metres), then `f a b c` with 1-based indices."""
-    lines = [f'v {x:.6f} {y:.6f} {z:.6f}' for x, y, z in verts]
-    lines += [f'f {a + 1} {b + 1} {c + 1}' for a, b, c in faces]
-    return '\n'.join(lines) + '\n'
-
-
-def _output_names(paths, root):
-    """Output path stem per image: its path under `root` without the extension; images that would
-    share one (hand.jpg, hand.png) keep their extension in the name (hand_jpg, hand_png)."""
-    stems = [os.path.splitext(os.path.relpath(p, root))[0] for p in paths]
-    clash = {s for s, n in Counter(stems).items() if n > 1}
-    return [s + '_' + os.path.splitext(p)[1][1:].lower() if s in clash else s for s, p in zip(stems, paths)]
-
-
-@torch.no_grad()
-def predict_hand(model, crop, focal, left=False, device='cpu'):
-    """MANO fit of one square RGB crop (PIL, the network's input side S) -> dict of numpy arrays:
-    pose (48,) absolute axis-angle, betas (10,), cam (3,) = (s, tx, ty), transl (3,), and joints (21, 3),
-    vertices (V, 3) in the crop's camera frame (metres), K_crop (3, 3). With `left` the crop is mirrored
-    first; pose/betas/cam/transl describe that mirrored right hand, joints/vertices the left hand."""
-    S = crop.size[0]
-    if left:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    out = model(normalize(to_tensor(crop))[None].to(device))[-1]  # the last regressor iteration
-    K = torch.as_tensor(crop_intrinsics(focal, S), dtype=torch.float32, device=device)
-    transl = camera_translation(out['cam'].float(), K[None], S)[0]  # (3,)
-    joints, verts = out['joints'][0] + transl, out['vertices'][0] + transl  # (21, 3), (V, 3)
-    res = dict(pose=matrix_to_axis_angle(out['rotmat'][0]).reshape(48), betas=out['betas'][0], cam=out['cam'][0],
-               transl=transl, joints=joints, vertices=verts, K_crop=K)
-    res = {k: v.float().cpu().numpy() for k, v in res.items()}
-    if left:
-        res['joints'], res['vertices'] = mirror_x(res['joints']), mirror_x(res['vertices'])
-    return res
-
-
-def demo_picture(image, box, res, faces, S, size, side=False):
-    """The picture of one prediction, `size` px per panel: [the crop `box` of `image` (PIL) | the same crop with
-    the predicted mesh, translucent, and its 21 joints | with `side`: the mesh turned 90 degrees about the
-    vertical axis, on grey]. Returns it (uint8) and the crop camera's intrinsics K at `size` px."""
-    K = crop_affine(box, size) @ np.linalg.inv(crop_affine(box, S)) @ res['K_crop']  # S px -> size px
-    crop = np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
-    uv = project(res['joints'].astype(np.float64), K)  # (21, 2) pixels
-    drawn = draw_skeleton(overlay_mesh(crop, res['vertices'], faces, K), uv, radius=max(2.0, size / 100),
-                          width=max(1, round(size / 160)))
-    panels = [crop, drawn]
-    if side:  # about the vertical axis through the hand's centre, seen by the same camera
-        c = res['vertices'].mean(0)
-        turn = np.array([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # 90 degrees about y
-        panels.append(render_mesh((res['vertices'] - c) @ turn.T + c, faces, K,
-                                  image=np.full((size, size, 3), 200, np.uint8), color=(0.55, 0.75, 1.0)))
-    return np.concatenate(panels, 1), K
-
-
-def save_hand(stem, png, res, faces):
-    """Write stem.png (the overlay), stem.obj (the mesh) and stem.npz, each atomically. The npz holds
-    pose (48,) absolute axis-angle, betas (10,), cam (3,) = (s, tx, ty) on the network crop's [-1, 1]
-    coordinates, transl (3,): MANO(pose, betas) + transl is the right hand in that crop's camera frame
-    (metres; for a left hand: of the MIRRORED crop); joints (21, 3) (FreiHAND order) and vertices (V, 3)
-    of the hand as it appears in the image (left hands mirrored back); the intrinsics of that camera in
-    the overlay PNG's pixels (K), the network crop's (K_crop) and the input image's (K_image); left."""
-    import io
-    os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
-    buf = io.BytesIO()
-    Image.fromarray(png).save(buf, format='PNG')
-    write_atomic(stem + '.png', buf.getvalue())
-    # A mirrored mesh is inside out: reversing each face's winding makes its normals point outward again.
-    write_atomic(stem + '.obj', obj_text(res['vertices'], faces[:, ::-1] if res['left'] else faces))
-    buf = io.BytesIO()
-    np.savez(buf, **{k: res[k] for k in DEMO_KEYS})
-    write_atomic(stem + '.npz', buf.getvalue())
-
-
-def run_demo(cfg):
-    """Predict every image under cfg.images and write <name>.png (overlay), <name>.obj, <name>.npz into
-    cfg.out (same sub-folders). Checks the checkpoint and the folder before writing anything; files that
-    do not decode are skipped with a warning and counted. Returns dict(written=..., skipped=...)."""
-    if not cfg.checkpoint or not cfg.out:
-        raise ValueError('the demo needs --images DIR --checkpoint CKPT --out DIR')
-    if cfg.focal <= 0 or cfg.overlay_size < 16:
-        raise ValueError(f'--focal must be > 0 and --overlay_size >= 16, got {cfg.focal} and {cfg.overlay_size}')
-    # Outputs inside the image folder (--out DIR/demo) must not become inputs of the next run.
-    out_dir = os.path.realpath(cfg.out)
-    paths = [p for p in find_images(cfg.images) if os.path.commonpath([os.path.realpath(p), out_dir]) != out_dir]
-    if not paths:
-        raise ValueError(f'no images under {cfg.images} outside the output folder {cfg.out}')
-    device = _device(cfg.device)
-    try:
-        model, net_cfg = load_finetuned(cfg.checkpoint, device, mano=cfg.mano or None)
-    except (KeyError, TypeError, AttributeError) as e:  # a dict that only looks like ours
-        raise ValueError(f'{cfg.checkpoint} is not a usable finetune.py checkpoint ({type(e).__name__}: {e})') from None
-    S, faces = model.vit.img_size, model.mano.faces.cpu().numpy()
-    os.makedirs(cfg.out, exist_ok=True)  # only now: a bad checkpoint or folder leaves nothing behind
-    write_atomic(os.path.join(cfg.out, 'demo_config.json'), json.dumps(dict(asdict(cfg), network=net_cfg), indent=1))
-    written, skipped, degenerate = 0, 0, 0
-    for path, name in zip(tqdm(paths, desc='demo', unit='img'), _output_names(paths, cfg.images)):
-        image = load_rgb(path)
-        if image is None:
-            skipped += 1
-            tqdm.write(f'skipping {_show(path)}: not a decodable image', file=sys.stderr)
-            continue
-        box = centre_square(*image.size)
-        crop = image.resize((S, S), Image.BILINEAR, box=box)  # PIL filters by the scale: no aliasing
-        res = predict_hand(model, crop, cfg.focal, cfg.left, device)
-        degenerate += int(res['cam'][0] <= 0)
-        png, res['K'] = demo_picture(image, box, res, faces, S, cfg.overlay_size, cfg.side)
-        res['K_image'] = np.linalg.inv(crop_affine(box, S)) @ res['K_crop']
-        res['left'] = np.array(cfg.left)
-        save_hand(os.path.join(cfg.out, name), png, res, faces)
-        written += 1
-    print(f'demo: {written} hands written to {cfg.out}' + (f', {skipped} undecodable files skipped' if skipped else ''))
-    if degenerate:  # camera_translation clamps s, so such a mesh sits far away: a dot, not a hand
-        print(f'warning: {degenerate} of {written} hands have a non-positive weak-perspective scale s; the '
-              f'network has not learned the camera (train longer, or raise finetune.py --w_j2d)', file=sys.stderr)
-    if not written:
-        raise ValueError(f'none of the {len(paths)} image files under {cfg.images} could be decoded')
-    return dict(written=written, skipped=skipped)
-
-
-# ----------------------------------------------------------------------------------------------------
 # COMMANDS: submissions of a dataset's evaluation split, scoring, curves
 
 def _device(name):
@@ -648,7 +476,7 @@ def run(cfg):
     elif cfg.score:
         run_score(cfg)
     elif cfg.images:
-        run_demo(cfg)
+        run_demo(cfg, lambda path: load_finetuned(path, _device(cfg.device), cfg.mano or None))
     elif cfg.data:
         run_predict(cfg)
     else:

@@ -1,4 +1,4 @@
-"""Tests of evaluate.py's demo (`--images DIR --checkpoint CKPT --out DIR [--left]`).
+"""Tests of the demo (plot.run_demo, run by `evaluate.py --images DIR --checkpoint CKPT --out DIR [--left]`).
 
 A tiny network is fine-tuned for one step with finetune.train on a 4-image synthetic set; the demo
 runs on two of its images (one padded to a wider, non-square canvas inside a sub-folder) and one
@@ -18,6 +18,7 @@ from PIL import Image
 
 import evaluate
 import finetune
+import plot
 from synthetic import project, synth, synthetic_mano
 from mano import MANO
 
@@ -67,7 +68,7 @@ def signed_volume(verts, faces):
 def bare_crop(image_path):
     """(D, D, 3) int: the input image's centre square resized to D, as the demo shows it."""
     image = Image.open(image_path).convert('RGB')
-    return np.asarray(image.resize((D, D), Image.BICUBIC, box=evaluate.centre_square(*image.size))).astype(int)
+    return np.asarray(image.resize((D, D), Image.BICUBIC, box=plot.centre_square(*image.size))).astype(int)
 
 
 def drawn_mask(picture_path, image_path):
@@ -131,7 +132,7 @@ def test_demo_writes_consistent_files(setup, right):
     uv_image = project(b['vertices'].astype(np.float64), b['K_image'])
     assert np.allclose(uv_image - [16, 0], project(b['vertices'].astype(np.float64), b['K_crop']), atol=1e-3)
     model, _ = evaluate.load_finetuned(setup[0])
-    direct = evaluate.predict_hand(model, Image.fromarray(crops[1]), focal=2.34)
+    direct = plot.predict_hand(model, Image.fromarray(crops[1]), focal=2.34)
     for key in ('pose', 'betas', 'cam', 'vertices', 'K_crop'):
         assert np.allclose(direct[key], b[key], atol=1e-6), key
     assert 'skipping' in stderr and 'broken.jpg' in stderr
@@ -201,12 +202,12 @@ def test_output_names_and_an_output_folder_inside_the_inputs(setup, tmp_path, ca
 def test_crop_geometry():
     """The centred square's pixel edges map onto the resized crop's edges; the crop camera's principal
     point is the crop's centre, and mirroring a crop is x -> -x for that camera."""
-    box = evaluate.centre_square(96, 64)
+    box = plot.centre_square(96, 64)
     assert box == (16, 0, 80, 64)
-    A = evaluate.crop_affine(box, 128)
+    A = plot.crop_affine(box, 128)
     edges = A @ np.array([[15.5, 79.5], [-0.5, 63.5], [1, 1]])  # outer pixel edges of the square
     assert np.allclose(edges[:2], [[-0.5, 127.5], [-0.5, 127.5]])
-    K = evaluate.crop_intrinsics(2.0, 64)
+    K = plot.crop_intrinsics(2.0, 64)
     X = np.random.default_rng(0).normal(size=(20, 3)) * 0.05 + [0, 0, 0.5]
-    u, u_mirror = project(X, K), project(evaluate.mirror_x(X), K)
+    u, u_mirror = project(X, K), project(plot.mirror_x(X), K)
     assert np.allclose(u_mirror[:, 0], 63 - u[:, 0]) and np.allclose(u_mirror[:, 1], u[:, 1])

@@ -77,6 +77,6 @@ def test_skeleton_and_translucent_mesh_keep_the_image_visible():
     assert 0.05 < covered.mean() < 0.9
     inside = over[covered]
     assert inside[:, 0].std() > 20                               # the stripes still show under the mesh
-    uv = evaluate.project(out.joints[0].double().numpy() + [0, 0, 0.5], K)
+    uv = plot.project(out.joints[0].double().numpy() + [0, 0, 0.5], K)
     drawn = plot.draw_skeleton(bg, uv)
     assert drawn.shape == bg.shape and (drawn != bg).any()
