@@ -1,0 +1,69 @@
+"""The project's layout as rules: stages are leaves (pretrain.py, finetune.py and evaluate.py import no other
+stage), no import cycle between the project's files, and mano.py / model.py stand alone so they can be copied."""
+import ast
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = {'pretrain', 'finetune', 'evaluate'}
+
+
+def project_imports():
+    """{module: set of project modules it imports anywhere in the file (top level or inside functions)}."""
+    modules = {f[:-3] for f in os.listdir(ROOT) if f.endswith('.py')}
+    graph = {}
+    for name in modules:
+        tree = ast.parse(open(os.path.join(ROOT, name + '.py')).read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split('.')[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split('.')[0])
+        graph[name] = (found & modules) - {name}
+    return graph
+
+
+def test_stages_are_leaves():
+    graph = project_imports()
+    assert STAGES <= set(graph)
+    for stage in STAGES:
+        assert not graph[stage] & STAGES, f'{stage}.py imports the stage(s) {graph[stage] & STAGES}'
+    assert not graph['mano'] and not graph['model'], 'mano.py and model.py must import nothing from the project'
+
+
+def test_no_import_cycle():
+    graph, state = project_imports(), {}
+
+    def visit(node, path):
+        if state.get(node) == 'open':
+            raise AssertionError('import cycle: ' + ' -> '.join(path[path.index(node):] + [node]))
+        if state.get(node) != 'done':
+            state[node] = 'open'
+            for nxt in sorted(graph[node]):
+                visit(nxt, path + [node])
+            state[node] = 'done'
+    for node in sorted(graph):
+        visit(node, [])
+
+
+def test_mano_layer_alone_from_a_model_file(tmp_path):
+    """`import mano; mano.MANO(mano.load_mano(PATH))` needs no other project file: the synthetic module (which
+    wrote the file here) is not in the import graph of the run that loads it."""
+    import synthetic
+    path = tmp_path / 'MANO_RIGHT.pkl'
+    synthetic.save_mano(synthetic.synthetic_mano(), path)
+    code = ('import sys, torch, mano; layer = mano.MANO(mano.load_mano(sys.argv[1])); '
+            'out = layer(torch.zeros(2, 48)); '
+            'print(sorted(m for m in sys.modules if m in {"synthetic", "engine", "data", "model", "plot"})); '
+            'print(out.vertices.shape[1], float(out.joints.abs().sum()))')
+    res = subprocess.run([sys.executable, '-c', code, str(path)], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == 0, res.stderr
+    loaded, numbers = res.stdout.splitlines()
+    assert loaded == '[]'
+    V, total = numbers.split()
+    assert int(V) == len(synthetic.synthetic_mano()['v_template']) and np.isfinite(float(total))
