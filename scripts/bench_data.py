@@ -2,7 +2,7 @@
 pretraining input pipeline (JPEG decode + two global views with photometric jitter) alone, in the
 main process and through a DataLoader with worker processes.
 
-Run:  python scripts/bench_data.py [--n 300] [--img-size 224] [--workers 2] [--batch 64]
+Run:  python scripts/bench_data.py [--n 300] [--img_size 224] [--workers 2] [--batch 64]
 Prints images/s as wall-clock AND as process CPU time: on a shared machine the wall-clock rate
 understates what one free core does.
 
@@ -13,17 +13,18 @@ including worker start-up and batch transfer (70 wall). Re-measured after the da
 noisy machine, --n 80 --batch 16 --batches 4): synth 67 img/s per core; decode + two views 180 img/s per core;
 DataLoader with 2 workers 124 img/s per core (122 wall).
 """
-import argparse
 import os
 import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from engine import config_from_cli, option  # noqa: E402
 import synthetic  # noqa: E402
 
 
@@ -60,14 +61,18 @@ def bench_pretrain_pipeline(folder, img_size, workers, batch, n_batches):
           f'{seen / cpu:.1f} img/s per core (CPU time of main + workers, start-up included)')
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--n', type=int, default=300, help='synthetic images to render')
-    parser.add_argument('--img-size', type=int, default=224, help='image side (px)')
-    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers')
-    parser.add_argument('--batch', type=int, default=64, help='batch size')
-    parser.add_argument('--batches', type=int, default=8, help='batches to time')
-    args = parser.parse_args()
+@dataclass
+class BenchDataConfig:
+    """Benchmark of synthetic rendering and of the pretraining data pipeline."""
+    n: int = option(300, 'synthetic images to render')
+    img_size: int = option(224, 'image side (px)')
+    workers: int = option(2, 'DataLoader workers')
+    batch: int = option(64, 'batch size')
+    batches: int = option(8, 'batches to time')
+
+
+def main(argv=None):
+    args = config_from_cli(BenchDataConfig, argv)
     with tempfile.TemporaryDirectory() as tmp:
         bench_synth(tmp, args.n, args.img_size)
         bench_pretrain_pipeline(os.path.join(tmp, 'training', 'rgb'), args.img_size, args.workers, args.batch,

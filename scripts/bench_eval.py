@@ -10,17 +10,18 @@ query direction of the aligned F-score with 1 and 2 threads.
 
 Shapes: B samples, V vertices.
 """
-import argparse
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate  # noqa: E402  (after the sys.path line, so the script runs from any folder)
+import evaluate  # noqa: E402
+from engine import config_from_cli, option  # noqa: E402  (after the sys.path line, so the script runs from any folder)
 
 
 def random_rotations(rng, n):
@@ -51,13 +52,17 @@ def timed(name, fn, times):
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--n', type=int, default=3960, help='samples (FreiHAND evaluation split: 3960)')
-    p.add_argument('--verts', type=int, default=778, help='vertices per mesh (MANO: 778)')
-    p.add_argument('--threads', type=int, default=2, help='torch threads (the SVDs)')
-    p.add_argument('--io', action='store_true', help='also time writing/reading pred.json + pred.zip')
-    args = p.parse_args()
+@dataclass
+class BenchEvalConfig:
+    """Time the official-metric computation of evaluate.py at FreiHAND evaluation size."""
+    n: int = option(3960, 'samples (FreiHAND evaluation split: 3960)')
+    verts: int = option(778, 'vertices per mesh (MANO: 778)')
+    threads: int = option(2, 'torch threads (the SVDs)')
+    io: bool = option(False, 'also time writing/reading pred.json + pred.zip')
+
+
+def main(argv=None):
+    args = config_from_cli(BenchEvalConfig, argv)
     torch.set_num_threads(args.threads)
     pred_xyz, pred_verts, gt_xyz, gt_verts = make_data(args.n, args.verts)
 

@@ -8,10 +8,10 @@ Run:  python scripts/bench_pretrain.py                                  # tiny p
       python scripts/bench_pretrain.py --preset base --amp bf16 --device cuda
       python scripts/bench_pretrain.py --w_mim 0                       # cost of one loss term
 """
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -62,18 +62,24 @@ def make_step(cfg, device, amp='off', compile=False):
     return step, student
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--preset', default='tiny', choices=['tiny', 'base'])
-    parser.add_argument('--batch_size', type=int, default=None, help="default: the preset's")
-    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--amp', default='off', choices=['off', 'bf16', 'fp16'])
-    parser.add_argument('--compile', action='store_true')
-    parser.add_argument('--steps', type=int, default=5, help='timed steps (after 2 warm-up steps)')
-    parser.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
-    for w in ('w_cls', 'w_pka', 'w_mim', 'w_pix'):
-        parser.add_argument('--' + w, type=float, default=1.0)
-    args = parser.parse_args()
+@dataclass
+class BenchPretrainConfig:
+    """Time HandMIM pretraining steps (forward, backward, AdamW, EMA) on random views."""
+    preset: str = engine.option('tiny', 'pretrain.py preset', choices=['tiny', 'base'])
+    batch_size: int = engine.option(None, "images per step (default: the preset's)")
+    device: str = engine.option('auto', 'where to run', choices=['auto', 'cpu', 'cuda'])
+    amp: str = engine.option('off', 'mixed precision', choices=['off', 'bf16', 'fp16'])
+    compile: bool = engine.option(False, 'torch.compile the student and teacher')
+    steps: int = engine.option(5, 'timed steps (after 2 warm-up steps)')
+    threads: int = engine.option(0, 'CPU threads (0: torch default)')
+    w_cls: float = engine.option(1.0, 'weight of the [CLS] loss')
+    w_pka: float = engine.option(1.0, 'weight of the PKA loss')
+    w_mim: float = engine.option(1.0, 'weight of the patch MIM loss')
+    w_pix: float = engine.option(1.0, 'weight of the pixel loss')
+
+
+def main(argv=None):
+    args = engine.config_from_cli(BenchPretrainConfig, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device('cuda' if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())

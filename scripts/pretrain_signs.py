@@ -13,15 +13,17 @@
 
 Run:  python scripts/pretrain_signs.py --out runs/signs            (about 2 minutes on 2 CPU cores)
 """
-import argparse
 import json
 import math
 import os
 import sys
 
+from dataclasses import dataclass
+
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
 import pretrain as P  # noqa: E402
 
 
@@ -56,24 +58,27 @@ def keypoint_equivariance(vit, paths, img_size, angles):
     return {a: (mean(err[a]), mean(static[a])) for a in angles}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default='runs/signs')
-    parser.add_argument('--data', default='', help='FreiHAND-layout folder (default: synthesize one in OUT/hands)')
-    parser.add_argument('--n', type=int, default=400, help='synthetic training images')
-    parser.add_argument('--epochs', type=int, default=12)
-    parser.add_argument('--batch_size', type=int, default=16)
-    parser.add_argument('--blr', type=float, default=4e-3, help='base lr (lr = blr * batch / 256)')
-    parser.add_argument('--momentum', type=float, default=0.98,
-                        help='EMA momentum at the start: 0.996 (iBOT) averages over ~250 steps, the whole run here')
-    parser.add_argument('--threads', type=int, default=1)
-    args = parser.parse_args()
+@dataclass
+class SignsConfig:
+    """Signs that HandMIM pretraining learns, on a small synthetic hand set, on CPU."""
+    out: str = engine.option('runs/signs', 'working folder')
+    data: str = engine.option('', 'FreiHAND-layout folder (default: synthesize one in OUT/hands)')
+    n: int = engine.option(400, 'synthetic training images')
+    epochs: int = engine.option(12, 'pretraining epochs')
+    batch_size: int = engine.option(16, 'images per step')
+    blr: float = engine.option(4e-3, 'base lr (lr = blr * batch / 256)')
+    momentum: float = engine.option(0.98, 'EMA momentum at the start')
+    threads: int = engine.option(1, 'torch threads')
+
+
+def main(argv=None):
+    args = engine.config_from_cli(SignsConfig, argv)
     torch.set_num_threads(args.threads)
-    import data as D
+    import synthetic
     import model as M
     data = args.data or os.path.join(args.out, 'hands')
     if not os.path.isdir(data):
-        D.synth(data, args.n, n_eval=40, seed=1)
+        synthetic.synth(data, args.n, n_eval=40, seed=1)
     run = os.path.join(args.out, 'pretrain')
     flags = ['--data', data, '--output_dir', run, '--arch', 'vit_tiny', '--depth', '4', '--img_size', '64',
              '--patch_size', '8', '--out_dim', '1024', '--head_hidden', '512', '--batch_size', str(args.batch_size),
