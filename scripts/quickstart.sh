@@ -4,7 +4,7 @@
 #   2. HandMIM self-supervised pretraining on their training images   (pretrain.py, 'tiny' preset)
 #   3. fine-tune ViT + PyMAF regressor on the MANO labels             (finetune.py)
 #   4. predict the held-out evaluation split, write the official pred.json and score it (evaluate.py),
-#      next to the same score for the mean hand (MANO mean pose and shape for every image).
+#      next to the same for the mean hand (MANO mean pose and shape for every image).
 #
 #   bash scripts/quickstart.sh                 # about 14 minutes on 2 idle cores: data 1, pretrain 3, finetune 10
 #   SMOKE=1 bash scripts/quickstart.sh         # a couple of steps per stage (tests/test_finetune.py runs it)
@@ -25,6 +25,7 @@ MODEL=(--img_size 64 --patch_size 8)
 if [[ "${SMOKE:-0}" == 1 ]]; then   # 2 steps per stage
   N=16; PRETRAIN=(--epochs 1 --batch_size 4 --max_steps 2 --workers 0)
   FINETUNE=(--epochs 1 --batch_size 4 --max_steps 2 --workers 0)
+  EVAL=(--workers 0)
 else   # the sizes behind the README's quick-start numbers
   N=8000
   # one epoch of the 'tiny' preset (250 steps): no lr warm-up at its small lr, the teacher temperature warmed
@@ -34,6 +35,7 @@ else   # the sizes behind the README's quick-start numbers
   # metrics score) at weight 5; from scratch on this set it gives validation PA-MPVPE 10.96 mm, against
   # 11.17 at weight 1 and 11.37 without it (README, Results)
   FINETUNE=(--epochs 7 --warmup_epochs 1 --w_hand 5)
+  EVAL=()
 fi
 
 $PYTHON synthetic.py "$OUT/hands" --n "$N" --img_size 64 --mano "$MANO"
@@ -41,27 +43,9 @@ $PYTHON pretrain.py --data "$OUT/hands" --preset tiny "${MODEL[@]}" --output_dir
 $PYTHON finetune.py --data "$OUT/hands" --mano "$MANO" --pretrained "$OUT/pretrain/backbone.pth" \
     --arch vit_tiny --depth 6 "${MODEL[@]}" --head_width 64 --output_dir "$OUT/finetune" "${FINETUNE[@]}"
 
-# Camera-frame predictions for the evaluation split -> official pred.json; the mean hand as a baseline.
-$PYTHON - "$OUT" <<'EOF'
-import sys
-
-import numpy as np
-import torch
-
-from data import FreiHAND
-from evaluate import load_finetuned, predict, write_submission
-
-out = sys.argv[1]
-model, cfg = load_finetuned(f'{out}/finetune/best.pth')
-evaluation = FreiHAND(f'{out}/hands', 'evaluation', cfg['img_size'], mano=cfg['mano'])
-xyz, verts = predict(model, torch.utils.data.DataLoader(evaluation, batch_size=32))
-write_submission(xyz, verts, f'{out}/submission')
-with torch.no_grad():  # identity global rotation: the Procrustes alignment of the metrics finds the best one
-    mean = model.mano(pose=torch.cat([torch.zeros(1, 3), model.mano.hands_mean[None]], 1))
-tile = lambda a: np.repeat(a.numpy(), len(xyz), axis=0)
-write_submission(tile(mean.joints), tile(mean.vertices), f'{out}/mean_hand')
-EOF
+# The held-out evaluation split: official pred.json / pred.zip, scored (scores.json, errors.png), next to the
+# same for the mean hand (MANO mean pose and shape for every image).
 echo "== fine-tuned model on the held-out evaluation split"
-$PYTHON evaluate.py --score "$OUT/submission/pred.json" --gt "$OUT/hands"
+$PYTHON evaluate.py --data "$OUT/hands" --checkpoint "$OUT/finetune/best.pth" --out "$OUT/submission" "${EVAL[@]}"
 echo "== mean hand (baseline)"
-$PYTHON evaluate.py --score "$OUT/mean_hand/pred.json" --gt "$OUT/hands"
+$PYTHON evaluate.py --data "$OUT/hands" --mean_hand --out "$OUT/mean_hand" "${EVAL[@]}"
