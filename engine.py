@@ -1,17 +1,13 @@
 """Training plumbing shared by pretrain.py and finetune.py (and the CLI of every script), written once.
 
-MAE keeps the same in util/misc.py and DINO/iBOT in utils.py; here it is one flat file, in the order a
-training script meets it:
+MAE keeps the same in util/misc.py, DINO/iBOT in utils.py; here in the order a training script meets it:
   1. Config and CLI: a dataclass per script, its fields mapped onto --flags (`config_from_cli`).
-  2. Schedules as pure functions of the step (`cosine_schedule`).
-  3. Devices: distributed setup/teardown (torchrun: NCCL on GPUs, gloo on CPU), AMP.
-  4. Files: one atomic writer (`atomic_open`: temporary file, fsync, rename), checkpoints that hold only
-     tensors and plain values (`save_checkpoint`, `load_checkpoint` with weights_only=True), the JSON-lines log.
-  5. Robustness: the non-finite-loss guard, Ctrl-C / SIGTERM handling, the resume architecture check.
+  2. Schedules as pure functions of the step. 3. Devices: DDP under torchrun (NCCL / gloo), AMP.
+  4. Files: one atomic writer (`atomic_open`), checkpoints of tensors and plain values only, the log.
+  5. Robustness: the non-finite-loss guard, Ctrl-C / SIGTERM, the resume architecture check.
   6. Reproducibility: every sample's randomness is a pure function of (seed, epoch, index).
   7. `train_loop`: the epoch/step skeleton both trainers run (progress bar, logging, stops).
-  8. `procrustes`: the similarity alignment of the official FreiHAND scorer, shared by fine-tuning's
-     validation and evaluate.py.
+  8. `procrustes`: the official FreiHAND alignment (fine-tuning's validation and evaluate.py).
 This file imports nothing from the project.
 
 Shape legend (the same letters in every file): B batch, S image side (px), N = h * w patches, D width,
@@ -29,6 +25,7 @@ import signal
 import sys
 import time
 import typing
+import zipfile
 from dataclasses import field
 
 import numpy as np
@@ -178,11 +175,9 @@ def make_scaler(amp, device):
 
 def to_device(batch, device):
     """A batch (tensors in dicts and lists, any nesting) moved to `device`."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
-    return [to_device(v, device) for v in batch] if isinstance(batch, (list, tuple)) else batch
+    return [to_device(v, device) for v in batch] if isinstance(batch, list) else batch.to(device, non_blocking=True)
 
 
 # -------- 4. Files: the atomic writer, checkpoints, logs
@@ -227,11 +222,11 @@ def remove_stale_tmp(folder):
 
 def _alive(pid):
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)   # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:   # someone else's process
-        return True
+    except PermissionError:   # it exists, as someone else's
+        pass
     return True
 
 
@@ -270,7 +265,7 @@ def log_jsonl(path, record):
 
 def read_json(path):
     """Parse a .json file, or the one .json inside a .zip; a clear error for anything else."""
-    import zipfile
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} does not exist')
     try:

@@ -124,3 +124,29 @@ def test_epoch_keys_split_global_batches_across_ranks():
     for step in range(6):   # the same global batch, split in halves
         assert one[8 * step:8 * step + 8] == two[0][4 * step:4 * step + 4] + two[1][4 * step:4 * step + 4]
     assert E.epoch_keys(50, 4, 1, 0, 1, 8) != one                                  # reshuffled each epoch
+
+
+def test_stale_temporary_files_of_killed_runs_are_removed_at_start(tmp_path, capsys):
+    """A run killed while writing leaves NAME.tmp<pid>; the next start in that folder removes it (and says so),
+    but not the temporary file of a writer that is still running, nor other files."""
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    stale = tmp_path / f'checkpoint.pth.tmp{dead.pid}'
+    live = tmp_path / f'checkpoint.pth.tmp{os.getpid()}'
+    for p in (stale, live, tmp_path / 'checkpoint.pth'):
+        p.write_bytes(b'x')
+    E.prepare_output_dir(str(tmp_path), dict(a=1))
+    assert sorted(os.listdir(tmp_path)) == sorted(['checkpoint.pth', live.name, 'config.json'])
+    assert 'removed' in capsys.readouterr().out
+
+
+def test_atomic_open_leaves_no_temporary_file_on_error(tmp_path):
+    path = tmp_path / 'f.bin'
+    path.write_bytes(b'old')
+    with pytest.raises(RuntimeError):
+        with E.atomic_open(str(path)) as f:
+            f.write(b'half')
+            raise RuntimeError('killed mid-write')
+    assert os.listdir(tmp_path) == ['f.bin'] and path.read_bytes() == b'old'

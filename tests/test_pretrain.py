@@ -327,6 +327,25 @@ def test_resume_refuses_other_architecture(quick_run, tmp_path, capsys):
     assert _run(data, tmp_path / 'o', '--resume', str(out / 'log.jsonl')) == 2     # not a checkpoint at all
 
 
+def test_a_malicious_checkpoint_is_refused_with_its_reason_and_nothing_is_written(quick_run, tmp_path, capsys):
+    """A checkpoint that would run code when unpickled is refused in one clear message that says why and what to
+    do; the output folder is not even created (the inputs are checked before anything is written)."""
+    import os as os_module
+
+    class Evil:
+        def __reduce__(self):
+            return os_module.system, ('echo pwned',)
+    data, _, _ = quick_run
+    bad = tmp_path / 'bad.pth'
+    torch.save({'model': Evil()}, bad)
+    out = tmp_path / 'o'
+    assert _run(data, out, '--resume', str(bad)) == 2
+    err = capsys.readouterr().err
+    assert 'could run code from the file, so nothing was loaded' in err and 'tensors' in err
+    errors = [line for line in err.splitlines() if line.startswith('error')]    # (the rest: skipped bad images)
+    assert len(errors) == 1 and 'tensors' in errors[0] and 'pwned' not in err and not out.exists()
+
+
 def test_ctrl_c_saves_and_resume_gives_identical_losses(quick_run, tmp_path, monkeypatch):
     import signal
     data, out_full, _ = quick_run
