@@ -48,17 +48,18 @@ OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 def axis_angle_to_matrix(aa):
     """Rodrigues' formula, (..., 3) -> (..., 3, 3); exact and with finite gradients at angle 0.
 
-    R = I + sin(t)/t K + (1 - cos t)/t^2 K^2 with K = [aa]_x and t = |aa|. Writing the coefficients
-    as sin(t)/t = torch.sinc(t/pi) and (1 - cos t)/t^2 = torch.sinc(t/2pi)^2 / 2 avoids dividing by t
+    R = cos(t) I + sin(t) [n]_x + (1 - cos t) n n^T with t = |aa|, n = aa / t. Writing sin(t) n as
+    torch.sinc(t/pi) aa and (1 - cos t) n n^T as torch.sinc(t/2pi)^2 / 2 aa aa^T avoids dividing by t
     and the cancellation in 1 - cos t.
     """
-    angle = aa.norm(dim=-1)[..., None, None]                              # (..., 1, 1)
-    x, y, z = aa.unbind(-1)
+    angle = torch.linalg.vector_norm(aa, dim=-1, keepdim=True)              # (..., 1)
+    x, y, z = (torch.sinc(angle / torch.pi) * aa).unbind(-1)                # sin(t) n
     zero = torch.zeros_like(x)
-    K = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).unflatten(-1, (3, 3))  # (..., 3, 3)
-    eye = torch.eye(3, dtype=aa.dtype, device=aa.device)
-    a, b = torch.sinc(angle / torch.pi), 0.5 * torch.sinc(angle / (2 * torch.pi)) ** 2
-    return eye + a * K + b * (K @ K)
+    R = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).unflatten(-1, (3, 3))  # sin(t) [n]_x
+    b = 0.5 * torch.sinc(angle / (2 * torch.pi)).square()                   # (..., 1) (1 - cos t) / t^2
+    R = torch.addcmul(R, (b * aa).unsqueeze(-1), aa.unsqueeze(-2))          # + (1 - cos t) n n^T
+    R.diagonal(dim1=-2, dim2=-1).add_(torch.cos(angle))                     # + cos(t) I
+    return R
 
 
 def matrix_to_axis_angle(R):
@@ -271,24 +272,39 @@ def tree_levels(parents):
     return [[j for j, d in enumerate(depth) if d == level] for level in range(max(depth) + 1)]
 
 
+def _as_slice(ids):
+    """`ids` as a slice where one indexes the same joints (then x[:, ids] is a view, not a copy): an
+    arithmetic run such as MANO's fingers 1, 4, 7, 10, 13, or one id repeated (a size-1 slice that
+    broadcasts); else the list itself."""
+    step = ids[1] - ids[0] if len(ids) > 1 else 1
+    if step > 0 and ids == list(range(ids[0], ids[0] + step * len(ids), step)):
+        return slice(ids[0], ids[0] + step * (len(ids) - 1) + 1, step)
+    return slice(ids[0], ids[0] + 1) if len(set(ids)) == 1 else ids
+
+
 def forward_kinematics(rotmats, joints, parents, levels):
     """Compose local rotations along the tree into world rotations and posed joint positions.
 
-    rotmats (B, J, 3, 3) local rotations; joints (B, J, 3) rest-pose joints; `levels` groups joints
-    whose parents are all in earlier groups (`tree_levels`; one joint per group gives the classic
-    joint-by-joint loop). Joint j's local transform is [R_j | J_j - J_parent] (the root: [R_0 | J_0]),
-    so its world transform is R_world = R_world[p] R_j, t_world = R_world[p] (J_j - J_p) + t_world[p].
+    rotmats (B, J, 3, 3) local rotations; joints (B, J, 3) rest-pose joints; `levels` groups joints:
+    the roots first, then joints whose parents are all in earlier groups (`tree_levels`; one joint per
+    group gives the classic joint-by-joint loop). Joint j's local transform is [R_j | J_j - J_parent]
+    (a root's parent is the origin), so its world transform is [R_world | t_world] = [R_world[p] R_j |
+    R_world[p] (J_j - J_p) + t_world[p]]: one (3, 4) @ (4, 4) product per joint, a level at a time.
+    For MANO's tree every level and its parents are strided slices (views, no gathers); `world` grows
+    by concatenation, never in place, so the views autograd saves stay valid.
     Returns R_world (B, J, 3, 3) and t_world (B, J, 3) = the posed joints.
     """
-    R_world, t_world = torch.empty_like(rotmats), torch.empty_like(joints)
-    roots = levels[0]
-    R_world[:, roots], t_world[:, roots] = rotmats[:, roots], joints[:, roots]
+    B, J = joints.shape[:2]
+    bones = joints - torch.cat([joints, joints.new_zeros(B, 1, 3)], 1)[:, parents]  # (B, J, 3); [-1] = origin
+    local = torch.cat([rotmats, bones.unsqueeze(-1)], -1)                  # (B, J, 3, 4) [R_j | J_j - J_p]
+    local = torch.cat([local, local.new_tensor([0., 0., 0., 1.]).expand(B, J, 1, 4)], -2)  # (B, J, 4, 4)
+    world, order = local[:, _as_slice(levels[0]), :3], list(levels[0])    # (B, n, 3, 4) joints so far
     for ids in levels[1:]:
-        par = [parents[j] for j in ids]
-        bone = (joints[:, ids] - joints[:, par]).unsqueeze(-1)              # (B, n, 3, 1)
-        R_world[:, ids] = R_world[:, par] @ rotmats[:, ids]
-        t_world[:, ids] = (R_world[:, par] @ bone).squeeze(-1) + t_world[:, par]
-    return R_world, t_world
+        up = world[:, _as_slice([order.index(parents[j]) for j in ids])]  # (B, m, 3, 4) parents' [R | t]
+        world = torch.cat([world, up @ local[:, _as_slice(ids)]], 1)
+        order += ids
+    world = world[:, _as_slice(sorted(range(J), key=order.__getitem__))]   # back to joint order
+    return world[..., :3], world[..., 3]
 
 
 class ManoOutput(NamedTuple):
@@ -304,7 +320,11 @@ class MANO(nn.Module):
     (B, 3 + ncomps) = global axis-angle + PCA coefficients (fingers = hands_mean + coeffs @ components).
     The model arrays are non-persistent buffers: they follow .to(device/dtype) but stay out of
     state_dict (checkpoints never carry the licensed MANO data). float32 unless `dtype` says otherwise.
+    What does not depend on the input is combined once, in float64, in __init__: the regressed joints
+    of the template and of the shape blend shapes, and one matrix for template + shape + pose blend
+    shapes. The mesh is then computed a cache-sized block of poses at a time.
     """
+    chunk = 32  # poses per skinning block and CPU thread: (V, 12, 32) transforms, ~1 MiB, about one L2
 
     def __init__(self, model, ncomps=None, dtype=torch.float32):
         super().__init__()
@@ -317,22 +337,25 @@ class MANO(nn.Module):
         self.num_verts, self.ncomps = V, ncomps
         self.parents = _parents(d['kintree_table'])
         self.levels = tree_levels(self.parents)
-        jreg = d['J_regressor'].toarray() if scipy.sparse.issparse(d['J_regressor']) else d['J_regressor']
-        as_float = lambda x: torch.as_tensor(np.asarray(x, np.float64), dtype=dtype)  # noqa: E731
+        f64 = lambda x: np.asarray(x.toarray() if scipy.sparse.issparse(x) else x, np.float64)  # noqa: E731
+        T, S, P, jreg = f64(d['v_template']), f64(d['shapedirs']), f64(d['posedirs']), f64(d['J_regressor'])
         buffers = {
-            'v_template': as_float(d['v_template']),                          # (V, 3)
-            'shapedirs': as_float(d['shapedirs']),                            # (V, 3, L)
-            'posedirs': as_float(d['posedirs']).reshape(V * 3, -1).T,         # (135, V*3)
-            'J_regressor': as_float(jreg),                                    # (J, V)
-            'weights': as_float(d['weights']),                                # (V, J)
-            'hands_mean': as_float(d['hands_mean']),                          # (45,)
-            'hands_components': as_float(d['hands_components'][:ncomps]),     # (ncomps or 45, 45)
-            'faces': torch.as_tensor(np.asarray(d['f'], np.int64)),           # (F, 3)
-            'tip_ids': torch.as_tensor(np.asarray(tips, np.int64)),           # (5,)
-            'to_freihand': torch.tensor(MANO_TO_FREIHAND),                    # (21,)
+            'v_template': T,                                                  # (V, 3)
+            'J_regressor': jreg,                                              # (J, V)
+            # J_regressor (T + S betas) = J_template + betas @ J_shapedirs: joints straight from betas
+            'J_template': (jreg @ T).ravel(),                                 # (J*3,)
+            'J_shapedirs': np.einsum('jv,vcl->ljc', jreg, S).reshape(S.shape[-1], -1),  # (L, J*3)
+            # blenddirs @ [1 | betas | pose_feature] = template + shape and pose blend shapes
+            'blenddirs': np.concatenate([T[..., None], S, P], -1).reshape(3 * V, -1),  # (V*3, 1 + L + 135)
+            'weights': f64(d['weights']),                                     # (V, J)
+            'hands_mean': f64(d['hands_mean']),                               # (45,)
+            'hands_components': f64(d['hands_components'][:ncomps]),          # (ncomps or 45, 45)
         }
         for name, value in buffers.items():
-            self.register_buffer(name, value.contiguous(), persistent=False)
+            self.register_buffer(name, torch.as_tensor(value, dtype=dtype).contiguous(), persistent=False)
+        indices = {'faces': d['f'], 'tip_ids': tips, 'to_freihand': MANO_TO_FREIHAND}  # (F, 3), (5,), (21,)
+        for name, value in indices.items():
+            self.register_buffer(name, torch.as_tensor(np.asarray(value, np.int64)), persistent=False)
 
     def pose_to_rotmats(self, pose):
         """Any accepted pose format -> local joint rotations (B, J, 3, 3)."""
@@ -359,33 +382,38 @@ class MANO(nn.Module):
     def _forward(self, pose, betas, transl):
         rotmats = self.pose_to_rotmats(pose)                                  # (B, J, 3, 3)
         B, J, V = rotmats.shape[0], rotmats.shape[1], self.num_verts
-        if betas is None:
-            betas = rotmats.new_zeros(B, self.shapedirs.shape[-1])
-        betas = betas.to(rotmats)
+        betas = rotmats.new_zeros(B, len(self.J_shapedirs)) if betas is None else betas.to(rotmats)
+        transl = None if transl is None else transl.to(rotmats).unsqueeze(1)  # (B, 1, 3)
 
-        # 1. Shape blend shapes (MANO eq. 2): v_shaped[b, v] = T[v] + sum_l betas[b, l] S[v, :, l]
-        v_shaped = self.v_template + (betas @ self.shapedirs.view(V * 3, -1).T).view(B, V, 3)
-        # 2. Skeleton joints regressed from the shaped, unposed mesh: J = J_regressor v_shaped
-        joints = self.J_regressor @ v_shaped                                  # (B, J, 3)
+        # 1. Shape blend shapes (MANO eq. 2): v_shaped = T + betas @ S, computed within step 3's product.
+        # 2. Skeleton joints regressed from the shaped, unposed mesh: J_regressor v_shaped, which is
+        #    linear in betas: J_template + betas @ J_shapedirs, both regressed once in __init__.
+        joints = torch.addmm(self.J_template, betas, self.J_shapedirs).view(B, J, 3)  # (B, J, 3)
         # 3. Pose blend shapes, driven by R - I of the 15 finger joints (so the flat hand adds nothing;
-        #    the root is excluded: a global rotation must not deform the hand).
+        #    the root is excluded: a global rotation must not deform the hand). Template, shape and pose
+        #    blend shapes are one product, v_posed = blenddirs @ [1 | betas | pose_feature] (in step 5).
         eye = torch.eye(3, dtype=rotmats.dtype, device=rotmats.device)
-        pose_feature = (rotmats[:, 1:] - eye).reshape(B, -1)                 # (B, 135)
-        v_posed = v_shaped + (pose_feature @ self.posedirs).view(B, V, 3)
+        pose_feature = (rotmats[:, 1:] - eye).flatten(1)                     # (B, 135)
+        blend_in = torch.cat([rotmats.new_ones(B, 1), betas, pose_feature], 1)  # (B, 1 + L + 135)
         # 4. Kinematic chain, one tree level (up to five fingers) at a time
         R_world, t_world = forward_kinematics(rotmats, joints, self.parents, self.levels)
         # 5. Linear blend skinning: relative to the rest pose joint j moves points by
         #    x -> R_world x + (t_world - R_world J_rest); each vertex blends these with its weights.
         t_rel = t_world - (R_world @ joints.unsqueeze(-1)).squeeze(-1)         # (B, J, 3)
-        A = torch.cat([R_world, t_rel.unsqueeze(-1)], -1).view(B, J, 12)      # (B, J, 12) = [R | t] rows
-        T = (self.weights @ A).view(B * V, 3, 4)                              # (B*V, 3, 4)
-        vertices = torch.baddbmm(T[..., 3:], T[..., :3], v_posed.reshape(B * V, 3, 1))  # t + R v_posed
-        vertices = vertices.view(B, V, 3)
+        A = torch.cat([R_world, t_rel.unsqueeze(-1)], -1).permute(1, 2, 3, 0)  # (J, 3, 4, B) [R | t]
+        #    With the batch index last (the products MKL runs fastest here) and `chunk` poses per CPU
+        #    thread at a time (a GPU takes the whole batch), so that a block's arrays stay in cache.
+        step = self.chunk * torch.get_num_threads() if rotmats.device.type == 'cpu' else max(B, 1)
+        vertices = rotmats.new_empty(B, V, 3)
+        for s in range(0, B, step):
+            b = slice(s, s + step)
+            v_posed = (self.blenddirs @ blend_in[b].T).view(V, 3, 1, -1)      # (V, 3, 1, b)
+            T = (self.weights @ A[..., b].reshape(J, -1)).view(V, 3, 4, -1)   # (V, 3, 4, b) blended [R | t]
+            (x, y, z), (Rx, Ry, Rz, t) = v_posed.unbind(1), T.unbind(2)       # (V, 1, b) and (V, 3, b)
+            v = torch.addcmul(t, Rx, x).addcmul_(Ry, y).addcmul_(Rz, z)       # (V, 3, b) = R v_posed + t
+            vertices[b] = v.permute(2, 0, 1) if transl is None else v.permute(2, 0, 1) + transl[b]
         # 6. 16 skeleton joints + 5 fingertip vertices, reordered to the internal FreiHAND order
-        joints21 = torch.cat([t_world, vertices[:, self.tip_ids]], 1)[:, self.to_freihand]  # (B, 21, 3)
-        if transl is not None:
-            transl = transl.to(vertices).unsqueeze(1)                         # (B, 1, 3)
-            vertices, joints21 = vertices + transl, joints21 + transl
-        return ManoOutput(vertices, joints21)
-
-
+        if transl is not None:                                                # (the tips have it already)
+            t_world = t_world + transl
+        joints21 = torch.cat([t_world, vertices.index_select(1, self.tip_ids)], 1)  # (B, 21, 3) MANO order
+        return ManoOutput(vertices, joints21.index_select(1, self.to_freihand))

@@ -1,19 +1,27 @@
-"""Speed of the MANO layer on the CPU: forward with joints for a batch of random poses, with the
-kinematic chain walked level by level (mano.MANO, 4 steps for MANO's tree) beside the naive
-joint-by-joint chain (15 steps, as in smplx's `batch_rigid_transform`). Same layer, same maths:
-only the chain's grouping differs, so the difference is the chain's Python/dispatch overhead.
+"""Speed of the MANO layer (mano.MANO) beside smplx's MANO on the CPU, and their agreement.
 
-Run:  python scripts/bench_mano.py [--batch 1024] [--threads 1] [--mano random|synthetic|PATH] [--json OUT]
-`--mano random` (default) uses random arrays of the official sizes (778 vertices, 1538 faces):
-speed depends only on the sizes, so no MANO file is needed. Prints ms per batch (best and median of
-`--repeats` interleaved calls) and poses/s from the best.
+Both get the same random absolute axis-angle poses (B, 48) (zero = flat hand: smplx with
+flat_hand_mean=True, no PCA) and betas (B, 10), and return vertices and joints (ours 21 with the
+fingertips, smplx its 16), under no_grad with the same thread count. They run in turns, round by
+round, so that load from other processes hits both alike; a timed sample is at least 1024 poses.
+The table gives median poses/s, the median of the per-round speed ratios, and the max abs
+difference of the vertices and 16 joints. smplx is optional (`pip install smplx`, used here only):
+without it only our layer is timed.
+
+Run:  python scripts/bench_mano.py [--batches 32 1024] [--threads 2] [--models official synthetic]
+`official` is random arrays of the official sizes (778 vertices): speed depends only on the sizes,
+so no MANO file is needed; `synthetic` is the synthetic hand (1128 vertices); a path reads a MANO file.
+On a machine busy with other work, multi-threaded timings mostly measure waits for the other thread
+(`chrt -f 10 python ...`, as root, gives the benchmark the CPUs while it runs).
 """
-import argparse
+import contextlib
+import io
 import json
 import os
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
@@ -21,22 +29,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mano  # noqa: E402
+import synthetic  # noqa: E402
+from engine import config_from_cli, option  # noqa: E402
 
 
 @dataclass
 class BenchConfig:
-    batch: int = field(default=1024, metadata={'help': 'poses per forward call'})
-    threads: int = field(default=1, metadata={'help': 'torch CPU threads'})
-    repeats: int = field(default=20, metadata={'help': 'timed calls per variant'})
-    mano: str = field(default='random', metadata={'help': "'random' (official sizes), 'synthetic' or a file"})
-    json: str = field(default='', metadata={'help': 'also write the results to this JSON file'})
-
-
-def parse_config(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    for f in fields(BenchConfig):
-        ap.add_argument(f'--{f.name}', type=type(f.default), default=f.default, help=f.metadata['help'])
-    return BenchConfig(**vars(ap.parse_args(argv)))
+    """Speed of mano.MANO beside smplx's MANO layer on the CPU."""
+    batches: tuple = option((32, 1024), 'poses per forward call')
+    threads: int = option(2, 'torch CPU threads, for both layers')
+    repeats: int = option(15, 'timed samples per layer and batch size')
+    models: tuple = option(('official', 'synthetic'), "'official' (random arrays, 778 vertices), "
+                                                      "'synthetic' (1128 vertices) or a MANO file")
+    json: str = option('', 'also write the results to this JSON file')
 
 
 def random_official_sizes(seed=0):
@@ -53,56 +58,72 @@ def random_official_sizes(seed=0):
             'hands_components': np.eye(45), 'hands_mean': np.zeros(45)}
 
 
-def time_interleaved(fns, repeats):
-    """Milliseconds per call of each function: best and median of `repeats` calls, run in turns so
-    that load from other processes hits every variant alike (the best is the least disturbed)."""
-    times = {name: [] for name in fns}
-    for step in range(repeats + 3):  # the first 3 rounds warm up the allocator and the dispatcher
+def smplx_forward(model):
+    """smplx's MANO on the same arrays as a function (pose, betas) -> (vertices, 16 joints), or None
+    without smplx. It reads a plain pickle (synthetic.save_mano writes one: no chumpy needed)."""
+    try:
+        import smplx
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+        synthetic.save_mano(model, os.path.join(folder, 'MANO_RIGHT.pkl'))
+        layer = smplx.MANO(folder, is_rhand=True, use_pca=False, flat_hand_mean=True,
+                           create_global_orient=False, create_hand_pose=False, create_betas=False,
+                           create_transl=False)
+
+    def forward(pose, betas):
+        out = layer(betas=betas, global_orient=pose[:, :3], hand_pose=pose[:, 3:])
+        return out.vertices, out.joints
+    return forward
+
+
+def time_in_turns(fns, batch, repeats):
+    """Seconds per sample of each function (a sample is ceil(1024 / batch) calls), timed in turns."""
+    calls, times = -(-1024 // batch), {name: [] for name in fns}
+    for step in range(repeats + 2):  # 2 rounds of warm-up (allocator, dispatcher, caches)
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            if step >= 3:
-                times[name].append(1000 * (time.perf_counter() - t0))
-    return {name: (min(ts), float(np.median(ts))) for name, ts in times.items()}
+            for _ in range(calls):
+                fn()
+            if step >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return calls * batch, {name: np.array(ts) for name, ts in times.items()}
 
 
+@torch.no_grad()
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg = config_from_cli(BenchConfig, argv)
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    print(json.dumps(asdict(cfg)))
-    model = random_official_sizes() if cfg.mano == 'random' else mano.load_mano(mano.find_mano(cfg.mano))
-    level_wise = mano.MANO(model)
-    joint_wise = mano.MANO(model)
-    joint_wise.levels = [[j] for j in range(len(joint_wise.parents))]  # one joint per step
-    pose, betas = torch.randn(cfg.batch, 48) * 0.5, torch.randn(cfg.batch, 10)
-
-    def forward(layer):
-        with torch.no_grad():
-            return layer(pose, betas).joints
-
-    def forward_backward(layer):
-        p = pose.clone().requires_grad_()
-        layer(p, betas).joints.sum().backward()
-
-    torch.testing.assert_close(forward(level_wise), forward(joint_wise))  # same maths, same joints
-
-    fns = {(chain, mode): (lambda fn=fn, layer=layer: fn(layer))
-           for chain, layer in [('level by level', level_wise), ('joint by joint (naive)', joint_wise)]
-           for mode, fn in [('forward', forward), ('forward+backward', forward_backward)]}
-    rows = [{'chain': chain, 'mode': mode, 'best_ms': best, 'median_ms': median,
-             'poses_per_s': cfg.batch / best * 1000}
-            for (chain, mode), (best, median) in time_interleaved(fns, cfg.repeats).items()]
-    print(f'MANO layer, batch {cfg.batch}, {level_wise.num_verts} vertices, CPU, {cfg.threads} thread(s), '
-          f'torch {torch.__version__}')
-    print(f"{'chain':<24}{'mode':<18}{'best ms':>9}{'median ms':>11}{'poses/s':>10}")
-    for r in sorted(rows, key=lambda r: r['mode']):
-        print(f"{r['chain']:<24}{r['mode']:<18}{r['best_ms']:>9.1f}{r['median_ms']:>11.1f}"
-              f"{r['poses_per_s']:>10,.0f}")
+    print(f'torch {torch.__version__}, CPU, {cfg.threads} thread(s), float32, forward with joints, no grad')
+    print(f"{'model':<10}{'V':>6}{'batch':>7}{'ours/s':>10}{'smplx/s':>10}{'ratio':>7}{'max |diff| m':>14}")
+    rows = []
+    for name in cfg.models:
+        model = random_official_sizes() if name == 'official' else \
+            synthetic.synthetic_mano() if name == 'synthetic' else mano.load_mano(mano.find_mano(name))
+        ours, theirs = mano.MANO(model), smplx_forward(model)
+        for batch in cfg.batches:
+            g = torch.Generator().manual_seed(batch)
+            pose, betas = 0.5 * torch.randn(batch, 48, generator=g), torch.randn(batch, 10, generator=g)
+            fns = {'ours': lambda: ours(pose, betas)}
+            row = dict(model=name, vertices=ours.num_verts, batch=batch)
+            if theirs is not None:
+                fns['smplx'] = lambda: theirs(pose, betas)
+                (v, j), (v_ref, j_ref) = ours(pose, betas), theirs(pose, betas)
+                row['max_abs_diff_m'] = max((v - v_ref).abs().max().item(),
+                                            (j[:, mano.FREIHAND_TO_MANO[:16]] - j_ref).abs().max().item())
+            poses, times = time_in_turns(fns, batch, cfg.repeats)
+            row.update({f'{k}_poses_per_s': poses / float(np.median(t)) for k, t in times.items()})
+            if theirs is not None:  # the median of the per-round ratios: load that drifts cancels out
+                row['ratio'] = float(np.median(times['smplx'] / times['ours']))
+            rows.append(row)
+            print(f"{name:<10}{ours.num_verts:>6}{batch:>7}{row['ours_poses_per_s']:>10,.0f}"
+                  + (f"{row['smplx_poses_per_s']:>10,.0f}{row['ratio']:>7.2f}{row['max_abs_diff_m']:>14.1e}"
+                     + ('  DIFFERENT (> 1e-6 m)' if row['max_abs_diff_m'] > 1e-6 else '')
+                     if theirs is not None else '  (smplx not installed: pip install smplx to compare)'),
+                  flush=True)
     if cfg.json:
         with open(cfg.json, 'w') as f:
-            json.dump({'config': asdict(cfg), 'torch': torch.__version__, 'vertices': level_wise.num_verts,
-                       'results': rows}, f, indent=1)
+            json.dump({'config': vars(cfg), 'torch': torch.__version__, 'results': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

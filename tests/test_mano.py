@@ -327,6 +327,50 @@ def test_layer_matches_naive_reference(model):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
 
 
+def test_forward_kinematics_on_other_trees():
+    # Levels that are no arithmetic runs (gathers) and a forest with two roots, against a plain loop.
+    g = torch.Generator().manual_seed(1)
+    for parents in ([-1, 0, 0, 1, 2, 1, 5, 3], [-1, -1, 0, 1, 1, 0, 3]):
+        n = len(parents)
+        R = axis_angle_to_matrix(torch.randn(3, n, 3, generator=g, dtype=torch.float64))
+        J = torch.randn(3, n, 3, generator=g, dtype=torch.float64)
+        R_ref, t_ref = [], []
+        for j, p in enumerate(parents):
+            R_ref.append(R[:, j] if p < 0 else R_ref[p] @ R[:, j])
+            bone = (J[:, j] - J[:, p]).unsqueeze(-1)
+            t_ref.append(J[:, j] if p < 0 else (R_ref[p] @ bone).squeeze(-1) + t_ref[p])
+        groupings = [tree_levels(parents)] + ([[[j] for j in range(n)]] if parents.count(-1) == 1 else [])
+        for levels in groupings:                                    # by depth; joint by joint (one root)
+            R_world, t_world = forward_kinematics(R.requires_grad_(), J, parents, levels)
+            torch.testing.assert_close(R_world, torch.stack(R_ref, 1), rtol=0, atol=1e-14)
+            torch.testing.assert_close(t_world, torch.stack(t_ref, 1), rtol=0, atol=1e-14)
+            assert torch.isfinite(torch.autograd.grad(t_world.sum(), R)[0]).all()
+
+
+def test_blocks_of_poses_agree_and_carry_gradients(model):
+    # The mesh is skinned `chunk` poses (per thread) at a time: a last, partial block, with translation.
+    layer, small = MANO(model, dtype=torch.float64), MANO(model, dtype=torch.float64)
+    small.chunk = 2
+    g = torch.Generator().manual_seed(2)
+    pose, betas = random_pose(5, g), torch.randn(5, 10, generator=g, dtype=torch.float64)
+    transl = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    pose.requires_grad_()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                        # blocks of 2 poses: 2 + 2 + 1
+    try:
+        whole, blocks = layer(pose, betas, transl), small(pose, betas, transl)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(whole, blocks):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    verts, joints = reference_mano(model, pose[4].detach().numpy(), betas[4].numpy())
+    np.testing.assert_allclose(blocks.vertices[4].detach().numpy(), verts + transl[4].numpy(), atol=1e-12)
+    np.testing.assert_allclose(blocks.joints[4].detach().numpy(), joints + transl[4].numpy(), atol=1e-12)
+    grads = [torch.autograd.grad(out.vertices.square().sum() + out.joints.sum(), pose)[0]
+             for out in (whole, blocks)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+
+
 def test_input_formats_agree():
     d = random_mano()
     layer = MANO(d)
@@ -352,9 +396,10 @@ def test_input_formats_agree():
 
 def test_gradients_reach_pose_and_betas():
     layer = MANO(random_mano())
-    for pose in [torch.zeros(2, 48), random_pose(2).float()]:  # zero pose: the Rodrigues singularity
+    # zero pose: the Rodrigues singularity; a batch of one: the chain's views of one pose
+    for pose in [torch.zeros(2, 48), random_pose(2).float(), random_pose(1).float()]:
         pose.requires_grad_()
-        betas = torch.randn(2, 10, requires_grad=True)
+        betas = torch.randn(len(pose), 10, requires_grad=True)
         out = layer(pose, betas)
         (out.vertices.square().sum() + out.joints.square().sum()).backward()
         for grad in (pose.grad, betas.grad):
