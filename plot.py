@@ -81,7 +81,7 @@ class Chart:
     def bars(self, y, labels, colors=None, err=None):
         """Bars at x = 0, 1, ... with category `labels` under them and optional +- `err` whiskers."""
         y = np.asarray(y, float)
-        self.items.append(('bars', np.arange(len(y)), y, labels, colors, err))
+        self.items.append(('bars', np.arange(len(y)), y, labels, colors, None if err is None else np.asarray(err)))
         self.xlim = self.xlim or (-0.7, len(y) - 0.3)
 
     def _range(self):

@@ -1,9 +1,9 @@
 """Tests of scripts/ablation.py: the report functions (aggregate, markdown, plot) on hand-made results, its small
-helpers, and an end-to-end --smoke run (one step per stage) whose re-run skips every finished run."""
+helpers, and an end-to-end --smoke run (one step per stage) that resumes from its result files alone."""
 import json
 import math
 import os
-import re
+import shutil
 import subprocess
 import sys
 
@@ -16,14 +16,14 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import ablation  # noqa: E402
 
 KEYS = [key for key, _, _ in ablation.METRICS]
-COUNTS = dict(mean_hand=1, scratch=3, full=3, no_pka=1, no_mim=1, no_pix=1)  # runs per variant of the default
+COUNTS = dict(mean_hand=1, scratch=3, full=3, no_pka=1, no_mim=1, no_pix=1, pix_only=1)  # runs per variant
 
 
 def hand_made_results(seed=0):
     """Results as the driver writes them (metrics only), the ablations listed before the main runs."""
     rng = np.random.default_rng(seed)
     results = []
-    for variant in ['no_pix', 'no_mim', 'no_pka', 'full', 'scratch', 'mean_hand']:
+    for variant in ['pix_only', 'no_pix', 'no_mim', 'no_pka', 'full', 'scratch', 'mean_hand']:
         for s in range(COUNTS[variant]):
             metrics = dict(pa_mpjpe_mm=rng.uniform(5, 20), pa_mpvpe_mm=rng.uniform(5, 20), f5=rng.uniform(0, 1),
                            f15=rng.uniform(0, 1), st_mpjpe_mm=rng.uniform(20, 90))
@@ -33,7 +33,7 @@ def hand_made_results(seed=0):
 
 META = dict(n_unlabeled=8000, n_labelled=2000, n_eval=500, img_size=64, patch_size=8, arch='vit_tiny', depth=6,
             batch_size=32, pretrain_steps=[1000], finetune_steps=[560], processor='x86_64', threads=2, device='cpu',
-            wall_min=118.4)
+            wall_min=118.4, pretrain_args='', finetune_args='--w_hand 5')
 
 
 def test_aggregate_matches_numpy_sample_std():
@@ -62,7 +62,7 @@ def test_markdown_lists_every_variant_with_mean_and_std():
     line = next(line for line in text.splitlines() if line.startswith(f"| {scratch['label']} |"))
     s = scratch['pa_mpvpe_mm']
     assert '| 3 |' in line and f"{s['mean']:.2f} ± {s['std']:.2f}" in line
-    no_pix = next(line for line in text.splitlines() if 'pixel' in line and line.startswith('|'))
+    no_pix = next(line for line in text.splitlines() if 'without pixel' in line and line.startswith('|'))
     assert '±' not in no_pix  # one seed: the value alone
     assert 'ddof = 1' in text and '8000 unlabeled' in text and 'Total wall time 118.4 min' in text
     assert text.count('\n|') == len(rows) + 2  # header, rule, one line per variant
@@ -70,9 +70,9 @@ def test_markdown_lists_every_variant_with_mean_and_std():
 
 def test_plot_draws_bars_and_mean_hand_line(tmp_path):
     rows = ablation.aggregate(hand_made_results())
-    path = ablation.plot(rows, str(tmp_path / 'sub' / 'ablation.png'))
+    path = ablation.plot_rows(rows, str(tmp_path / 'sub' / 'ablation.png'))
     with Image.open(path) as img:
-        assert img.size == (800, 450)
+        assert img.size == (200 + 110 * (len(rows) - 1), 360)
         pixels = np.asarray(img.convert('RGB')).reshape(-1, 3)
     colours = {tuple(p) for p in np.unique(pixels, axis=0)}
     assert (40, 100, 200) in colours and (150, 150, 150) in colours  # the full and scratch bars
@@ -104,44 +104,51 @@ def _finetune_recipe(command):
     return out
 
 
-def test_smoke_run_end_to_end_then_skips(tmp_path):  # 11 stage processes: ~30 s on 2 idle cores
-    """--smoke: data, four pretrainings, seven fine-tunings (two seeds of scratch and full) and the mean hand,
-    each stage one step; table, JSON and plot hold every variant. The same command again runs nothing."""
-    argv = [sys.executable, os.path.join(ROOT, 'scripts', 'ablation.py'), '--smoke', '--seeds', '2', '--threads', '1',
-            '--out', 'out', '--table', 'report/ablation.md', '--json', 'report/ablation.json',
-            '--plot', 'report/ablation.png']
+def test_smoke_run_end_to_end_then_resumes_from_its_result_files(tmp_path):  # ~12 stage processes
+    """--smoke with three variants: data, two pretrainings, three fine-tunings, the mean hand; one result file
+    per run, table, JSON and plot. The same command again runs nothing; on another machine
+    (no working folder) with one result file missing, only that run (and its pretraining) runs again."""
+    argv = [sys.executable, os.path.join(ROOT, 'scripts', 'ablation.py'), '--smoke', '--seeds', '1', '--threads', '1',
+            '--variants', 'scratch,full,pix_only', '--out', 'out', '--results', 'results', '--report', 'report/abl']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     first = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    counts = dict(COUNTS, scratch=2, full=2)
-    lines = [line for line in first.stdout.splitlines() if re.match(r'\S+ +PA-MPJPE ', line)]  # one per run
-    assert len(lines) == sum(counts.values()) and not any('done before' in line for line in lines)
+    counts = dict(mean_hand=1, scratch=1, full=1, pix_only=1)
+    names = sorted(p.name for p in (tmp_path / 'results').iterdir())
+    assert names == sorted(['mean_hand.json', 'scratch_seed0.json', 'full_seed0.json', 'pix_only_seed0.json'])
 
-    report = tmp_path / 'report'
-    text = (report / 'ablation.md').read_text()
-    results = json.loads((report / 'ablation.json').read_text())
-    for variant, label in ablation.LABELS.items():
-        assert f'| {label} |' in text
-        runs = [r for r in results['runs'] if r['variant'] == variant]
-        assert len(runs) == counts[variant]
+    text = (tmp_path / 'report' / 'abl.md').read_text()
+    rows = json.loads((tmp_path / 'report' / 'abl.json').read_text())['rows']
+    results = [json.loads((tmp_path / 'results' / n).read_text()) for n in names]
+    for variant, n in counts.items():
+        assert f'| {ablation.LABELS[variant]} |' in text
+        runs = [r for r in results if r['variant'] == variant]
+        assert len(runs) == n and next(r for r in rows if r['variant'] == variant)['seeds'] == [r['seed'] for r in
+                                                                                                sorted(runs, key=lambda
+                                                                                                r: r['seed'] or 0)]
         for r in runs:
             assert all(math.isfinite(r['metrics'][k]) for k in KEYS) and 0 < r['metrics']['pa_mpvpe_mm'] < 100
-            assert {'pa_mpjpe', 'pa_mpvpe', 'pa_f5', 'pa_f15', 'mpjpe'} <= set(r['scores'])  # all of evaluate.score
-    finetuned = [r for r in results['runs'] if r['variant'] != 'mean_hand']
-    assert len({json.dumps(_finetune_recipe(r['config']['finetune'])) for r in finetuned}) == 1  # equal budget
-    assert all(r['steps'] == 1 for r in finetuned) and results['meta']['finetune_steps'] == [1]
-    assert sorted(p['variant'] for p in results['pretraining']) == ['full', 'no_mim', 'no_pix', 'no_pka']
-    assert str(tmp_path) not in (report / 'ablation.json').read_text()  # paths stored as $OUT/...
-    with Image.open(report / 'ablation.png') as img:
-        assert img.size == (800, 450)
+    finetuned = [r for r in results if r['variant'] != 'mean_hand']
+    assert len({json.dumps(_finetune_recipe(r['command'])) for r in finetuned}) == 1  # equal budget
+    assert all(r['steps'] == 1 for r in finetuned)
+    assert str(tmp_path) not in ''.join((tmp_path / 'results' / n).read_text() for n in names)  # $OUT/... paths
+    with Image.open(tmp_path / 'report' / 'abl.png') as img:
+        assert img.size == (200 + 110 * 3, 360)
     labelled = tmp_path / 'out' / 'labelled'
     assert len(json.loads((labelled / 'training_K.json').read_text())) == 12
-    assert len(os.listdir(labelled / 'training' / 'rgb')) == 12
 
     logs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'out' / 'logs').iterdir()}
     again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
-    lines = [line for line in again.stdout.splitlines() if line.endswith('(done before)')]
-    assert len(lines) == sum(counts.values()) + 4  # every fine-tuning run, the mean hand, four pretrainings
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'out' / 'logs').iterdir()} == logs  # nothing ran
-    assert (report / 'ablation.md').read_text() == text
+    assert (tmp_path / 'report' / 'abl.md').read_text() == text
+
+    shutil.rmtree(tmp_path / 'out')                     # another machine: only the committed result files
+    kept = (tmp_path / 'results' / 'scratch_seed0.json').read_text()
+    os.remove(tmp_path / 'results' / 'full_seed0.json')
+    third = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    ran = sorted(p.name for p in (tmp_path / 'out' / 'logs').iterdir() if p.suffix == '.log')
+    assert ran == ['finetune_full_seed0.log', 'pretrain_full.log', 'score_full_seed0.log']
+    assert (tmp_path / 'results' / 'scratch_seed0.json').read_text() == kept
+    assert (tmp_path / 'results' / 'full_seed0.json').exists()
