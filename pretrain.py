@@ -85,7 +85,7 @@ def teacher_momentum(total_steps, base=0.996, horizon=10.0):
     at T = 250 it keeps 61%: the exported teacher would be mostly random weights. So 1 - m0 is at least
     `horizon` / T, which keeps exp(-horizon / 2) < 1% of the start, and runs longer than
     horizon / (1 - base) = 2500 steps use iBOT's value unchanged."""
-    return min(base, 1.0 - horizon / max(total_steps, 1))
+    return min(base, max(0.0, 1.0 - horizon / max(total_steps, 1)))   # runs under `horizon` steps: 0 (a copy)
 
 
 def make_teacher(student):
@@ -155,19 +155,19 @@ def mim_loss(student_patch, teacher_probs, masks, student_temp=0.1):
 
 
 def patchify(images, patch_size):
-    """(B, 3, H, W) -> (B, N, P) with each patch laid out (row, column, channel), as MAE."""
+    """(B, 3, S, S) -> (B, N, p*p*3) with each patch (p = patch_size) laid out (row, column, channel), as MAE."""
     B, C, H, W = images.shape
     h, w = H // patch_size, W // patch_size
     x = images.reshape(B, C, h, patch_size, w, patch_size)                # (B, 3, h, p, w, p)
-    return torch.einsum('bchpwq->bhwpqc', x).reshape(B, h * w, patch_size ** 2 * C)   # (B, N, P)
+    return torch.einsum('bchpwq->bhwpqc', x).reshape(B, h * w, patch_size ** 2 * C)   # (B, N, p*p*3)
 
 
 def pixel_loss(pred, images, mask, patch_size):
     """MAE norm_pix loss: MSE to per-patch normalised pixels, averaged over all masked patches.
 
-    pred (B, N, P), images (B, 3, H, W), mask (B, N) bool.
+    pred (B, N, p*p*3), images (B, 3, S, S), mask (B, N) bool.
     """
-    target = patchify(images.float(), patch_size)                          # (B, N, P)
+    target = patchify(images.float(), patch_size)                          # (B, N, p*p*3)
     mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)   # unbiased, as MAE
     target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = ((pred.float() - target) ** 2).mean(-1)                     # (B, N)
@@ -186,14 +186,14 @@ def attention_keypoints(attn, grid):
 
 
 def map_between_views(points, affine_from, size_from, affine_to, size_to):
-    """Map normalised points (B, K, 2) of one view into another through the pixel map A_to A_from^-1.
+    """Map normalised points (B, H, 2) of one view into another through the pixel map A_to A_from^-1.
 
     A view has a source->view pixel affine (B, 2, 3) and a side S. Pixel centres sit at integer
     coordinates (data.py, OpenCV), so u = (x + 1) * S / 2 - 0.5 (grid_sample's align_corners=False).
     """
     square = lambda A: torch.cat([A, A.new_tensor([[0.0, 0, 1]]).expand(len(A), 1, 3)], 1).double()   # (B, 3, 3)
     T = square(affine_to) @ torch.linalg.inv(square(affine_from))              # (B, 3, 3) pixel map
-    px = (points.double() + 1) * size_from / 2 - 0.5                          # (B, K, 2) pixels
+    px = (points.double() + 1) * size_from / 2 - 0.5                          # (B, H, 2) pixels
     px = px @ T[:, :2, :2].transpose(1, 2) + T[:, None, :2, 2]
     return ((px + 0.5) * 2 / size_to - 1).to(points.dtype)
 
@@ -202,7 +202,7 @@ def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
     """Pseudo keypoint alignment: L1 between the student's PKA-head keypoints of view i and the teacher's
     attention keypoints of every other global view j mapped into view i, where those land inside view i.
 
-    student_kp: list of (B, K, 2) per view (globals first); teacher_kp: list of (B, K, 2) for the first
+    student_kp: list of (B, H, 2) per view (globals first); teacher_kp: list of (B, H, 2) for the first
     `n_teacher` views; affines: list of (B, 2, 3) per view; sizes: list of view sides in pixels.
     """
     total, count = 0.0, 0.0   # become tensors at the first pair (there is always one)
@@ -211,12 +211,10 @@ def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
             if i == j:
                 continue
             target = map_between_views(teacher_kp[j], affines[j], sizes[j], affines[i], sizes[i])
-            inside = (target.abs() <= 1).all(-1, keepdim=True).float()       # (B, K, 1)
+            inside = (target.abs() <= 1).all(-1, keepdim=True).float()       # (B, H, 1)
             total = total + ((pred.float() - target).abs() * inside).sum()
             count = count + 2 * inside.sum()
     return total / count.clamp(min=1.0)   # no host sync: fine under torch.compile and on GPUs
-
-
 
 
 # -------- Configuration and presets
@@ -328,7 +326,6 @@ def pretraining_images(root):
     return root
 
 
-
 # -------- Model: student (ViT + heads) and EMA teacher (ViT + projection head)
 class Student(nn.Module):
     """ViT + iBOT projection head (shared by [CLS] and patches, iBOT's README recipe) + pixel head + PKA
@@ -341,15 +338,15 @@ class Student(nn.Module):
         self.backbone = backbone
         self.head = M.ProjectionHead(D, out_dim, hidden_dim=head_hidden)
         self.pixel_head = M.PixelHead(D, backbone.patch_size)
-        self.pka_head = M.PKAHead(D, backbone.num_heads)   # K pseudo keypoints = one per attention head
+        self.pka_head = M.PKAHead(D, backbone.num_heads)   # H pseudo keypoints: one per attention head
 
     def forward(self, global_views, masks=None, local_views=None, patch_logits=True):
-        tokens = self.backbone(global_views, mask=masks)                      # (V*B, 1+N, D)
-        logits = self.head(tokens if patch_logits else tokens[:, :1])         # (V*B, 1+N or 1, C)
-        out = dict(cls=logits[:, 0], patch=logits[:, 1:], pix=self.pixel_head(tokens[:, 1:]),   # (V*B, N, P)
-                   kp=self.pka_head(tokens[:, 0]))                            # (V*B, K, 2)
+        tokens = self.backbone(global_views, mask=masks)                      # (2B, 1+N, D)
+        logits = self.head(tokens if patch_logits else tokens[:, :1])         # (2B, 1+N or 1, C)
+        out = dict(cls=logits[:, 0], patch=logits[:, 1:], pix=self.pixel_head(tokens[:, 1:]),   # (2B, N, p*p*3)
+                   kp=self.pka_head(tokens[:, 0]))                            # (2B, H, 2)
         if local_views is not None:   # locals: unmasked, [CLS] only (iBOT multi-crop)
-            cls_local = self.backbone(local_views)[:, 0]                       # (L*B, D)
+            cls_local = self.backbone(local_views)[:, 0]                       # (LB, D)
             out.update(cls_local=self.head(cls_local), kp_local=self.pka_head(cls_local))
         return out
 
@@ -367,12 +364,12 @@ def build_models(cfg):
 def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
     """One HandMIM forward -> (weighted total, {name: loss}, {name: diagnostic}, teacher logits).
 
-    batch: dict(views=[V x (B, 3, S, S)], affines=[V x (B, 2, 3)], masks=[2 x (B, N)]), globals first.
+    batch: dict(views=[(B, 3, S, S) per view], affines=[(B, 2, 3) per view], masks=[2 x (B, N)]), globals first.
     """
     n_local = len(batch['views']) - 2
     g_views = torch.cat(batch['views'][:2])                                    # (2B, 3, S, S)
     masks = torch.cat(batch['masks'])                                          # (2B, N)
-    locals_ = torch.cat(batch['views'][2:]) if n_local else None               # (L*B, 3, s, s)
+    locals_ = torch.cat(batch['views'][2:]) if n_local else None               # (LB, 3, s, s)
 
     # Teacher: unmasked global views, no gradients (iBOT).
     with torch.no_grad():
@@ -381,7 +378,7 @@ def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
     # Without a patch-level loss the student sees unmasked views (DINO + PKA).
     s = student(g_views, masks if cfg.w_mim or cfg.w_pix else None, locals_, patch_logits=cfg.w_mim > 0)
 
-    def per_view(key):   # (V*B, ...) -> V x (B, ...): the global views, then the locals ([CLS] and kp only)
+    def per_view(key):   # (2B or LB, ...) -> (B, ...) per view: the globals, then the locals ([CLS] and kp only)
         local = list(s[key + '_local'].float().chunk(n_local)) if n_local else []
         return list(s[key].float().chunk(2)) + local
 
@@ -394,7 +391,7 @@ def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
         parts['mim'] = mim_loss(list(s['patch'].chunk(2)), t_patch, list(masks.chunk(2)), cfg.student_temp)
     if cfg.w_pix:
         parts['pix'] = pixel_loss(s['pix'], g_views, masks, cfg.patch_size)
-    t_kp = attention_keypoints(t_attn, grid).chunk(2)                          # 2 x (B, K, 2)
+    t_kp = attention_keypoints(t_attn, grid).chunk(2)                          # 2 x (B, H, 2)
     if cfg.w_pka:
         sizes = [v.shape[-1] for v in batch['views']]
         parts['pka'] = pka_loss(per_view('kp'), t_kp, batch['affines'], sizes, n_teacher=2)

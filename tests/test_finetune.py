@@ -341,3 +341,40 @@ def test_quickstart_smoke(tmp_path):  # five processes that each import torch: ~
         with open(tmp_path / 'qs' / name / 'scores.json') as f:
             scores = json.load(f)
         assert scores['num_samples'] == 1 and 0 < scores['metrics']['pa_mpvpe'] < 0.1
+
+
+def test_heatmap_targets_peak_on_their_joints():
+    """The auxiliary heat-map target of each joint is a normalized Gaussian whose argmax is the map pixel of the
+    joint (crop pixel u -> map pixel (u + 1/2) w / S - 1/2, centres at integers)."""
+    from finetune import heatmap_targets
+    g = torch.Generator().manual_seed(0)
+    joints2d = torch.rand(3, 21, 2, generator=g) * (S - 1)                        # crop pixels
+    for side in (16, 32, 64):
+        uv = (joints2d + 0.5) * side / S - 0.5
+        t = heatmap_targets(uv, (side, side), sigma=side / 32)                     # (3, 21, side, side)
+        assert torch.allclose(t.sum((-2, -1)), torch.ones(3, 21))
+        peak = t.flatten(2).argmax(-1)                                             # (3, 21)
+        rows, cols = peak // side, peak % side
+        assert (rows == uv[..., 1].round().long()).all() and (cols == uv[..., 0].round().long()).all()
+
+
+def test_heatmap_loss_is_zero_at_the_target_and_ignores_joints_outside(mano):
+    from finetune import heatmap_loss, heatmap_targets
+    joints2d = torch.tensor([[[10.0, 20.0], [40.0, 50.0], [-30.0, 5.0]]])            # the third is outside
+    side = 32
+    target = heatmap_targets((joints2d + 0.5) * side / S - 0.5, (side, side), side / 32)
+    kl, has = heatmap_loss(target.clamp(min=1e-12).log(), joints2d, S)
+    assert has.all() and kl.abs().max() < 1e-4
+    flat = torch.zeros(1, 3, side, side)
+    kl_flat, _ = heatmap_loss(flat, joints2d, S)
+    kl_two, _ = heatmap_loss(flat[:, :2], joints2d[:, :2], S)
+    assert kl_flat.item() > 1 and torch.allclose(kl_flat, kl_two)                 # the outside joint counts 0
+    # In the model and the losses: a heat-map head on the finest level when its weight is set.
+    model = build_regressor(dict(arch='vit_tiny', depth=1, img_size=S, patch_size=8, n_iter=3, head_width=32,
+                                 w_heatmap=1.0), mano)
+    batch = make_labels(mano, 2)
+    outputs = model(batch['image'])
+    assert outputs[-1]['heatmaps'].shape == (2, 21, S, S) and 'heatmaps' not in outputs[0]
+    total, terms = mesh_losses(outputs, batch, dict(WEIGHTS, heatmap=1.0))
+    without, _ = mesh_losses(outputs, batch, WEIGHTS)
+    assert terms['heatmap'] > 1 and torch.isclose(total - without, torch.tensor(terms['heatmap']), rtol=1e-4)

@@ -111,6 +111,39 @@ def test_ema_momentum_zero_copies_one_keeps():
     assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
 
 
+def _kept_of_init(total_steps, m0):
+    """The weight of the initialisation left in an EMA teacher after a cosine momentum schedule m0 -> 1."""
+    return math.prod(E.cosine_schedule(t, total_steps, m0, 1.0) for t in range(total_steps))
+
+
+def test_teacher_momentum_rule_keeps_under_one_percent_of_the_start_at_any_length():
+    for T in (20, 250, 1250, 2500, 10 ** 5):
+        m0 = P.teacher_momentum(T)
+        assert _kept_of_init(T, m0) < 0.01                                    # the exported teacher is trained
+        assert m0 == (0.996 if T >= 2500 else pytest.approx(1 - 10 / T))     # iBOT's value once it is enough
+    assert P.teacher_momentum(5) == 0.0                                       # never negative
+    assert _kept_of_init(250, 0.996) > 0.6                                    # the old start: mostly random
+
+
+def test_short_run_exports_a_teacher_that_moved_with_the_student(quick_run, tmp_path):
+    """The micro run (8 steps): the exported teacher has covered most of the student's way from the
+    initialisation, measured as |teacher - init| / |student - init| over the backbone's weights; with
+    iBOT's fixed 0.996 start it would have covered about 2% of it."""
+    data, out, _ = quick_run
+    torch.manual_seed(0)                                                      # the run's seed: its initialisation
+    init = _micro_models()[1].backbone.state_dict()
+
+    def ratio(run):
+        ck = torch.load(run / 'checkpoint.pth', weights_only=True)
+        moved = lambda state: sum((state['backbone.' + k] - v).norm() ** 2 for k, v in init.items()) ** 0.5
+        return float(moved(ck['teacher']) / moved(ck['model']))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert _run(data, tmp_path / 'ibot', '--momentum_teacher', '0.996') == 0
+    torch.set_num_threads(n)
+    assert 0.5 < ratio(out) < 1.2 and ratio(tmp_path / 'ibot') < 0.1, (ratio(out), ratio(tmp_path / 'ibot'))
+
+
 def test_teacher_gets_no_gradients():
     cfg, student, teacher, centres = _micro_models()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
