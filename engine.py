@@ -346,6 +346,16 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
+def apply_preset(cfg, presets, has_gpu):
+    """Fill the fields of `cfg` left at None from `presets[cfg.preset]` ('auto': 'base' with a GPU, else 'tiny')
+    -> (new config, the start of a note that says which preset and why)."""
+    auto = cfg.preset == 'auto'
+    name = ('base' if has_gpu else 'tiny') if auto else cfg.preset
+    cfg = dataclasses.replace(cfg, preset=name, **{k: v for k, v in presets[name].items() if getattr(cfg, k) is None})
+    why = f"{'a GPU' if has_gpu else 'no GPU'} found and no --preset given: using" if auto else 'using'
+    return cfg, f"{why} the '{name}' preset"
+
+
 def check_same_architecture(saved, cfg, fields):
     """Refuse to resume from a checkpoint whose weights have other shapes, naming the `fields` that differ."""
     diff = [f"{k}={saved.get(k)!r} in the checkpoint but {getattr(cfg, k)!r} now"

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from data import HO3D, FreiHAND, resolve_mano
-from engine import (KeyedSamples, NonFiniteGuard, Progress, autocast, backward_step, check_same_architecture,
+from engine import (KeyedSamples, NonFiniteGuard, Progress, apply_preset, autocast, backward_step,
+                    check_same_architecture,
                     cosine_schedule, load_checkpoint, log_jsonl, make_scaler, option, param_groups, prepare_output_dir,
                     print0, procrustes, run_cli, save_checkpoint, setup_distributed, teardown_distributed,
                     train_loop, trim_log)
@@ -45,6 +46,14 @@ from plot import draw_curves
 
 # Config fields that shape the weights: a checkpoint must match them to be resumed.
 ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter', 'head_width')
+# The CPU preset fine-tunes pretrain.py's tiny backbone in minutes (README, Results: what each setting bought);
+# `base` is MAE's ViT-B fine-tuning recipe at HandMIM's scale.
+PRESETS = {
+    'tiny': dict(arch='vit_tiny', depth=6, img_size=64, patch_size=8, head_width=64, epochs=7, batch_size=32,
+                 blr=5e-3, warmup_epochs=1, layer_decay=1.0, w_hand=5.0),
+    'base': dict(arch='vit_base', depth=12, img_size=224, patch_size=16, head_width=256, epochs=100, batch_size=64,
+                 blr=5e-4, warmup_epochs=5, layer_decay=0.75, w_hand=0.0),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,42 +174,42 @@ def load_pretrained(vit, path, key='teacher'):
 @dataclass
 class FinetuneConfig:
     """Fine-tune ViT + PyMAF regressor on MANO-labelled hands (FreiHAND layout or HO3Dv2)."""
-    data: str = option('./hands_synth', 'dataset root: FreiHAND v2 layout (real, or `python synthetic.py`) or HO3Dv2')
+    data: str = option('./hands', 'dataset root: FreiHAND v2 layout (real, or `python synthetic.py`) or HO3Dv2')
     dataset: str = option('freihand', 'layout of --data', choices=['freihand', 'ho3d'])
     mano: str = option('synthetic', "MANO model: 'synthetic' or the path of MANO_RIGHT.pkl / .npz")
     output_dir: str = option('./runs/finetune', 'checkpoints, logs and config.json go here')
     pretrained: str = option('', 'ViT init: our backbone.pth / checkpoint.pth, or an official MAE, DINO, iBOT or '
                                 'timm file; empty = from scratch')
     key: str = option('teacher', 'network of a pretraining checkpoint.pth to load', choices=['teacher', 'student'])
-    # Architecture
-    arch: str = option('vit_tiny', 'backbone', choices=list(ARCHS))
-    depth: int = option(None, "ViT blocks (default: the arch's); pretrain.py's tiny preset has 6")
-    img_size: int = option(128, 'input crop side in pixels (paper: 224)')
-    patch_size: int = option(16, 'ViT patch size')
+    preset: str = option('auto', "tiny (CPU, pretrain.py's tiny backbone) | base (paper scale) | auto: base with a GPU, "
+                                 "else tiny; fills every field left unset", choices=['auto', 'tiny', 'base'])
+    # Architecture; None = the preset's value.
+    arch: str = option(None, 'backbone', choices=list(ARCHS))
+    depth: int = option(None, "ViT blocks (default: the arch's)")
+    img_size: int = option(None, 'input crop side in pixels (paper: 224)')
+    patch_size: int = option(None, 'ViT patch size')
     n_iter: int = option(3, 'PyMAF regressor iterations')
-    head_width: int = option(256, 'channels of the first deconvolution level, halved at each next one (PyMAF: 256); '
-                                 'at 64 px the 256/128/64 pyramid costs twice the ViT-Tiny, so the CPU quick start '
-                                 'uses 64')
+    head_width: int = option(None, 'channels of the first deconvolution level, halved at each next one (PyMAF: 256); '
+                                   'at 64 px the 256/128/64 pyramid costs twice the ViT-Tiny, so tiny uses 64')
     drop_path: float = option(0.1, 'ViT stochastic depth rate (MAE fine-tuning: 0.1)')
     # Optimisation (MAE fine-tuning recipe) and loss weights (ours: the paper gives none)
-    epochs: int = option(30, 'training epochs')
-    batch_size: int = option(32, 'images per process and step')
-    blr: float = option(5e-3, 'base lr; lr = blr * global batch / 256 (MAE ViT-B: 5e-4 at batch 1024; our small '
-                             'CPU model and batches train better higher)')
+    epochs: int = option(None, 'training epochs')
+    batch_size: int = option(None, 'images per process and step')
+    blr: float = option(None, 'base lr; lr = blr * global batch / 256 (MAE ViT-B: 5e-4 at batch 1024)')
     min_lr: float = option(1e-6, 'final lr of the cosine schedule')
-    warmup_epochs: int = option(2, 'linear lr warm-up epochs')
-    layer_decay: float = option(0.75, 'layer-wise lr decay (MAE: 0.75); 1 = off')
+    warmup_epochs: int = option(None, 'linear lr warm-up epochs')
+    layer_decay: float = option(None, 'layer-wise lr decay (MAE: 0.75 for a converged pretrained ViT); 1 = off')
     weight_decay: float = option(0.05, 'AdamW weight decay (none on biases, norms, tokens, pos_embed)')
     clip_grad: float = option(1.0, 'clip the global gradient norm to this; 0 = off')
     augment: bool = option(True, 'box scale, camera roll, shift and colour augmentation of training crops')
     val_fraction: float = option(0.1, 'held-out part of the TRAINING set, scored after every epoch')
     w_j3d: float = option(1.0, 'weight of the L1 on root-relative 3D joints (metres)')
     w_v3d: float = option(1.0, 'weight of the L1 on root-relative vertices (metres)')
-    w_hand: float = option(0.0, 'weight of the L1 on vertices in the hand frame (root-relative, global rotation '
-                               'undone): finger pose error alone')
+    w_hand: float = option(None, 'weight of the L1 on vertices in the hand frame (root-relative, global rotation '
+                                'undone): finger pose error alone (PyMAF has none)')
     w_j2d: float = option(0.1, 'weight of the L1 on 2D joints ([-1, 1] crop coordinates)')
     w_rot: float = option(1.0, 'weight of the MSE on the 16 MANO rotation matrices')
-    w_heatmap: float = option(0.0, 'weight of the auxiliary 2D heat-map loss on the finest pyramid level (KL to a '
+    w_heatmap: float = option(1.0, 'weight of the auxiliary 2D heat-map loss on the finest pyramid level (KL to a '
                                    'Gaussian at each joint; PyMAF\'s auxiliary dense supervision); 0 = no heat-map head')
     w_beta: float = option(0.05, 'weight of the MSE on the 10 MANO shape coefficients (keeps the shape '
                                 'plausible: without it the network shrinks hands it cannot orient yet)')
@@ -277,6 +286,8 @@ def validate(model, dataset, cfg, device, rank=0, world=1, mean_hand=False):
 def train(cfg):
     """Fine-tune as configured; returns the process exit code (0 done, 130 stopped by Ctrl-C)."""
     rank, world, device = setup_distributed(cfg.device)
+    cfg, note = apply_preset(cfg, PRESETS, has_gpu=device.type == 'cuda')
+    print0(note)
     torch.manual_seed(cfg.seed)
     is_main, out = rank == 0, lambda name: os.path.join(cfg.output_dir, name)
 

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 
 import model as M
 from data import ImageFolder, PretrainAugment
-from engine import (KeyedSamples, NonFiniteGuard, Progress, autocast, backward_step, check_same_architecture,
-                    cosine_schedule, load_checkpoint, make_scaler, option, param_groups, prepare_output_dir, print0,
-                    run_cli, save_checkpoint, setup_distributed, teardown_distributed, train_loop, trim_log)
+from engine import (KeyedSamples, NonFiniteGuard, Progress, apply_preset, autocast, backward_step,
+                    check_same_architecture, cosine_schedule, load_checkpoint, make_scaler, option, param_groups,
+                    prepare_output_dir, print0, run_cli, save_checkpoint, setup_distributed, teardown_distributed,
+                    train_loop, trim_log)
 from plot import draw_curves
 
 
@@ -229,7 +230,7 @@ class PretrainConfig:
     arch: str = option(None, 'backbone', choices=['vit_tiny', 'vit_small', 'vit_base', 'vit_large'])
     depth: int = option(None, 'number of ViT blocks (overrides the arch default)')
     img_size: int = option(None, 'global view side in pixels')
-    patch_size: int = option(16, 'ViT patch size')
+    patch_size: int = option(None, 'ViT patch size')
     out_dim: int = option(None, 'projection head output dim C (iBOT: 8192)')
     head_hidden: int = option(None, 'projection head hidden width (iBOT: 2048)')
     drop_path: float = option(0.1, 'student stochastic depth (the teacher has none)')
@@ -238,7 +239,7 @@ class PretrainConfig:
     # Optimisation: iBOT's recipe.
     epochs: int = option(None, 'training epochs')
     batch_size: int = option(None, 'images per process and step')
-    blr: float = option(5e-4, 'base learning rate: lr = blr * global batch / 256')
+    blr: float = option(None, 'base learning rate: lr = blr * global batch / 256 (iBOT: 5e-4)')
     min_lr: float = option(1e-6, 'final learning rate of the cosine schedule')
     warmup_epochs: int = option(None, 'linear learning-rate warm-up epochs')
     weight_decay: float = option(0.04, 'weight decay at the start (cosine schedule)')
@@ -272,10 +273,10 @@ class PretrainConfig:
 # The CPU preset is shallower than ViT-Tiny (6 blocks instead of 12) and has a narrower head so
 # that the quick start trains at a useful speed on a laptop; `base` is iBOT's ViT-B/16 recipe.
 PRESETS = {
-    'tiny': dict(arch='vit_tiny', depth=6, img_size=128, out_dim=1024, head_hidden=512, epochs=5,
-                 batch_size=32, warmup_epochs=1, warmup_teacher_temp_epochs=2),
-    'base': dict(arch='vit_base', depth=12, img_size=224, out_dim=8192, head_hidden=2048, epochs=100,
-                 batch_size=64, warmup_epochs=10, warmup_teacher_temp_epochs=30),
+    'tiny': dict(arch='vit_tiny', depth=6, img_size=64, patch_size=8, out_dim=1024, head_hidden=512, epochs=5,
+                 batch_size=32, blr=2e-3, warmup_epochs=1, warmup_teacher_temp_epochs=2),
+    'base': dict(arch='vit_base', depth=12, img_size=224, patch_size=16, out_dim=8192, head_hidden=2048, epochs=100,
+                 batch_size=64, blr=5e-4, warmup_epochs=10, warmup_teacher_temp_epochs=30),
 }
 # Fields that change the shapes of the weights: a checkpoint must match them to be resumed.
 ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'out_dim', 'head_hidden')
@@ -283,19 +284,14 @@ ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'out_dim', 'head_hidde
 
 def resolve_preset(cfg, has_gpu):
     """Fill the fields left at None from the preset -> (new config, one-line note on the choice)."""
-    auto = cfg.preset == 'auto'
-    name = ('base' if has_gpu else 'tiny') if auto else cfg.preset
-    values = {k: v for k, v in PRESETS[name].items() if getattr(cfg, k) is None}
+    cfg, note = apply_preset(cfg, PRESETS, has_gpu)
     if cfg.local_size is None:   # 3/7 of the global side in whole patches (96 for 224), at least one patch
-        local = (values.get('img_size') or cfg.img_size) * 3 // 7 // cfg.patch_size * cfg.patch_size
-        values['local_size'] = max(cfg.patch_size, local)
-    cfg = dataclasses.replace(cfg, preset=name, **values)
+        cfg = dataclasses.replace(cfg, local_size=max(cfg.patch_size, cfg.img_size * 3 // 7 // cfg.patch_size
+                                                      * cfg.patch_size))
     if not any((cfg.w_cls, cfg.w_pka, cfg.w_mim, cfg.w_pix)):
         raise ValueError('all four loss weights (--w_cls --w_pka --w_mim --w_pix) are 0: nothing to train')
-    why = (f"{'a GPU' if has_gpu else 'no GPU'} found and no --preset given: using" if auto else 'using')
-    note = (f"{why} the '{name}' preset ({cfg.arch} depth {cfg.depth}, {cfg.img_size} px, out_dim "
-            f"{cfg.out_dim}, batch {cfg.batch_size} per process, {cfg.epochs} epochs)")
-    return cfg, note
+    return cfg, (f"{note} ({cfg.arch} depth {cfg.depth}, {cfg.img_size} px, patch {cfg.patch_size}, out_dim "
+                 f"{cfg.out_dim}, batch {cfg.batch_size} per process, {cfg.epochs} epochs)")
 
 
 # -------- Data: two global views (+ locals) with their affines, block masks

@@ -11,6 +11,7 @@ import torch
 
 import evaluate
 import finetune
+from engine import apply_preset
 from evaluate import load_finetuned
 from finetune import load_pretrained, lr_decay_scale, mesh_losses
 from mano import MANO, axis_angle_to_matrix
@@ -243,7 +244,7 @@ def test_tiny_batch_overfits(mano):
     model = MeshRegressor(vit_tiny(img_size=S, depth=2), mano, deconv_dims=(64, 32, 32), hidden_dim=256)
     start = pa_error(model.eval()(batch['image'])[-1]['vertices'].detach(), batch['verts'])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    cfg = finetune.FinetuneConfig()  # the default loss weights
+    cfg, _ = apply_preset(finetune.FinetuneConfig(), finetune.PRESETS, has_gpu=False)  # the CPU default weights
     weights = dict(j3d=cfg.w_j3d, v3d=cfg.w_v3d, hand=cfg.w_hand, j2d=cfg.w_j2d, rot=cfg.w_rot, beta=cfg.w_beta)
     model.train()
     for step in range(60):
