@@ -35,8 +35,8 @@ In Python: `score(pred_xyz, pred_verts, gt_xyz, gt_verts)` -> dict in metres; `w
 `load_finetuned(path)` and `predict(model, loader)`: a fine-tuned network and its camera-frame meshes.
 The Procrustes alignment itself is `engine.procrustes` (fine-tuning validates with it too).
 
-Shapes: B samples, J = 21 joints (internal FreiHAND order unless a name says HO3D), V vertices,
-N points (J or V) of a set, M points of the other set, T thresholds.
+Shapes (README legend): B samples, J = 21 joints (internal FreiHAND order unless a name says HO3D), V vertices;
+here n points of a set (J or V), m points of the other set, T thresholds.
 """
 import dataclasses
 import json
@@ -92,12 +92,12 @@ def align_scale_translation(pred, gt, bone=ST_BONE):
 
 
 def point_errors(pred, gt):
-    """(B,N,3) x 2 -> (B,N) Euclidean distances, as `EvalUtil.feed`."""
+    """(B,n,3) x 2 -> (B,n) Euclidean distances, as `EvalUtil.feed`."""
     return np.sqrt(np.sum(np.square(gt - pred), axis=-1))
 
 
 def mean_error(err):
-    """`EvalUtil` mean: per point over samples, then over points (B,N) -> float."""
+    """`EvalUtil` mean: per point over samples, then over points (B,n) -> float."""
     return float(np.mean(err.mean(0)))
 
 
@@ -107,11 +107,11 @@ def _trapezoid(y, x):
 
 
 def pck_curve(err, thresholds):
-    """(B,N) errors -> (N,T): per point, the fraction of samples with error `<=` each threshold."""
-    srt = np.sort(err, axis=0)                                                  # (B, N)
+    """(B,n) errors -> (n,T): per point, the fraction of samples with error `<=` each threshold."""
+    srt = np.sort(err, axis=0)                                                  # (B, n)
     # searchsorted 'right' counts the values <= t: the official `np.mean(data <= t)` per point
     counts = np.stack([np.searchsorted(srt[:, n], thresholds, side='right') for n in range(err.shape[1])])
-    return counts / err.shape[0]                                                # (N, T)
+    return counts / err.shape[0]                                                # (n, T)
 
 
 def auc_pck(err, lo=AUC_RANGE[0], hi=AUC_RANGE[1], steps=AUC_RANGE[2]):
@@ -121,12 +121,12 @@ def auc_pck(err, lo=AUC_RANGE[0], hi=AUC_RANGE[1], steps=AUC_RANGE[2]):
         AUC_n = (sum_k pck_n(t_k) - (pck_n(t_0) + pck_n(t_{T-1})) / 2) / (T - 1),
     so even a perfect prediction with tiny nonzero errors gets 1 - 1/(2(T - 1)) = 0.99495 (pck_n(0) = 0)."""
     t = np.linspace(lo, hi, steps)
-    auc = _trapezoid(pck_curve(err, t), t) / _trapezoid(np.ones_like(t), t)      # (N,)
+    auc = _trapezoid(pck_curve(err, t), t) / _trapezoid(np.ones_like(t), t)      # (n,)
     return float(np.mean(auc))
 
 
 def nn_distances(src, dst, bound=np.inf, workers=None):
-    """(B,N,3), (B,M,3) -> (B,N): per sample, distance from each src point to its nearest dst point.
+    """(B,n,3), (B,m,3) -> (B,n): per sample, distance from each src point to its nearest dst point.
 
     What Open3D's compute_point_cloud_to_point_cloud_distance returns in the official scorer. Distances
     beyond `bound` come back as inf (the KD-tree prunes those searches). One small KD-tree per sample;
@@ -138,11 +138,11 @@ def nn_distances(src, dst, bound=np.inf, workers=None):
         return [cKDTree(dst[i]).query(src[i], k=1, distance_upper_bound=bound)[0] for i in ids]
     with ThreadPoolExecutor(workers) as pool:
         chunks = pool.map(run, np.array_split(np.arange(len(src)), workers))
-    return np.stack([d for chunk in chunks for d in chunk])                     # (B, N)
+    return np.stack([d for chunk in chunks for d in chunk])                     # (B, n)
 
 
 def f_score(pred, gt, thresh=F_THRESHOLDS):
-    """Official `calculate_fscore` per sample: (B,N,3), (B,M,3) -> (B,T), or (B,) for a scalar `thresh`."""
+    """Official `calculate_fscore` per sample: (B,n,3), (B,m,3) -> (B,T), or (B,) for a scalar `thresh`."""
     t = np.asarray(thresh, dtype=np.float64)
     ts = np.atleast_1d(t)                                                       # (T,)
     bound = 1.5 * ts.max()        # any bound above the largest threshold keeps every `d < t` exact; tight prunes
@@ -368,9 +368,10 @@ def load_finetuned(path, device='cpu', mano=None):
 
 @torch.no_grad()
 def predict(model, loader, device='cpu', amp='off', with_root=False):
-    """Camera-frame predictions of the last iteration in the loader's order -> (xyz (N, J, 3), verts
-    (N, V, 3)) float32 numpy arrays in metres: the MANO-frame mesh moved by `model.camera_translation`;
-    with `with_root` also the samples' labelled wrists (N, 3) (HO3D's evaluation meta has them)."""
+    """Camera-frame predictions of the last iteration in the loader's order -> (xyz (B, J, 3), verts
+    (B, V, 3)) float32 numpy arrays in metres, B = all samples: the MANO-frame mesh moved by
+    `model.camera_translation`; with `with_root` also the samples' labelled wrists (B, 3) (HO3D's evaluation
+    meta has them)."""
     model.eval()
     xyz, verts, roots = [], [], []
     for batch in tqdm(loader, desc='predict', unit='batch'):

@@ -15,9 +15,9 @@ holds every network of both stages and imports nothing from the project:
 Run: `python model.py` prints the parameter count and FLOPs of each ViT preset;
 tests in tests/test_model.py, attention speed in scripts/bench_model.py.
 
-Shape legend: B batch, N = h * w patches on an h x w grid, T = 1 + N tokens, D width, H heads,
-d = D / H head width, C feature channels, P sampled points, G grid points, V mesh vertices,
-J = 21 joints, K keypoints.
+Shape legend (README): B batch, S image side, N = h * w patches on an h x w grid, T = 1 + N tokens, D width,
+H heads (= PKA's pseudo keypoints), d = D / H head width, C feature channels, V mesh vertices, J = 21 joints;
+this file's own: P sampled points, G grid points.
 """
 import math
 
@@ -325,7 +325,7 @@ class PixelHead(nn.Module):
 
 
 class PKAHead(nn.Module):
-    """Pseudo-keypoint head: [CLS] token (B, D) -> K points (x, y) in [-1, 1] (tanh), in the
+    """Pseudo-keypoint head: [CLS] token (B, D) -> H points (x, y) in [-1, 1] (tanh), one per head, in the
     normalized coordinates of the view (the convention of the regressor's camera, README)."""
 
     def __init__(self, embed_dim, num_keypoints, hidden_dim=None):
@@ -336,7 +336,7 @@ class PKAHead(nn.Module):
                                  nn.Linear(hidden_dim, 2 * num_keypoints))
 
     def forward(self, cls):
-        return torch.tanh(self.mlp(cls)).reshape(cls.shape[0], self.num_keypoints, 2)  # (B, K, 2)
+        return torch.tanh(self.mlp(cls)).reshape(cls.shape[0], self.num_keypoints, 2)  # (B, H, 2)
 
 
 # ----------------------------------------------------------------------------------------------

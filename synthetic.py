@@ -16,8 +16,8 @@ Run:  python synthetic.py ./hands --n 2000 [--img_size 64] [--mano mano/MANO_RIG
       python synthetic.py --render hand.png [--mano PATH]      # the hand in five poses
       python synthetic.py --write_model mano/SYNTH_RIGHT.pkl   # the synthetic hand as a MANO file
 
-Shapes (README legend): S image side, V vertices, F faces, J = 21 joints; the rasterizer's R (triangle, row)
-spans, P (triangle, pixel) fragments and M covered pixels.
+Shapes (README legend): S image side, V vertices, F faces, J = 21 joints; the rasterizer counts its (triangle,
+row) spans, (triangle, pixel) fragments and covered pixels in words.
 """
 import contextlib
 import dataclasses
@@ -452,7 +452,7 @@ def rasterize(verts, faces, K, size):
     """The triangle visible at each pixel centre of a pinhole image, and where on it: verts (V, 3) camera
     frame, faces (F, 3), K (3, 3), size (H, W) -> face (H, W) int64 (-1 = background), bary (H, W, 3)
     perspective-correct barycentric weights. Vectorized scanline: each (triangle, row) pair gets the x-span
-    of pixel centres inside the triangle, spans expand into P (triangle, pixel) fragments, and the nearest
+    of pixel centres inside the triangle, spans expand into (triangle, pixel) fragments, and the nearest
     fragment of each pixel wins (the z-buffer as one sort). Triangles behind the camera are dropped."""
     H, W = size
     v, f = np.asarray(verts, np.float64), np.asarray(faces, np.int64)
@@ -471,9 +471,9 @@ def rasterize(verts, faces, K, size):
     ty = t[..., 1]
     y0 = np.ceil(_reduce3(np.minimum, ty)).clip(0, H).astype(np.int64)
     ny = np.maximum(np.floor(_reduce3(np.maximum, ty)).clip(-1, H - 1).astype(np.int64) - y0 + 1, 0)
-    row_tri = np.repeat(np.arange(len(keep)), ny)                                      # (R,)
+    row_tri = np.repeat(np.arange(len(keep)), ny)                                      # (spans,)
     row_y = np.repeat(y0, ny) + np.arange(len(row_tri)) - np.repeat(np.cumsum(ny) - ny, ny)
-    a, s = coef[row_tri, :, 0], coef[row_tri, :, 1] * row_y[:, None] + coef[row_tri, :, 2]  # (R, 3)
+    a, s = coef[row_tri, :, 0], coef[row_tri, :, 1] * row_y[:, None] + coef[row_tri, :, 2]  # (spans, 3)
     # Along a row w_i = a_i x + s_i >= 0: a lower bound on x where a_i > 0, an upper one where a_i < 0.
     with np.errstate(divide='ignore', invalid='ignore'):
         bound = -s / a
@@ -483,11 +483,11 @@ def rasterize(verts, faces, K, size):
     nx = np.maximum(np.floor(hi + 1e-7).clip(-1, W - 1).astype(np.int64) - x0 + 1, 0)
     nx[_reduce3(np.logical_or, (a == 0) & (s < 0))] = 0  # any horizontal edge (a_i = 0) that the row lies outside of
     # Fragments: every pixel of every span.
-    frag_row = np.repeat(np.arange(len(row_tri)), nx)                                  # (P,)
+    frag_row = np.repeat(np.arange(len(row_tri)), nx)                                  # (fragments,)
     px = np.repeat(x0, nx) + np.arange(len(frag_row)) - np.repeat(np.cumsum(nx) - nx, nx)
     tri, py = row_tri[frag_row], row_y[frag_row]
-    w = coef[tri, :, 0] * px[:, None] + coef[tri, :, 1] * py[:, None] + coef[tri, :, 2]  # (P, 3)
-    inv_z = 1 / z[f[keep[tri]]]                                                         # (P, 3)
+    w = coef[tri, :, 0] * px[:, None] + coef[tri, :, 1] * py[:, None] + coef[tri, :, 2]  # (fragments, 3)
+    inv_z = 1 / z[f[keep[tri]]]                                                         # (fragments, 3)
     depth = _reduce3(np.add, w * inv_z)  # 1/z, not z, is affine in screen space
     pix = py * W + px
     face, bary = np.full(H * W, -1, np.int64), np.zeros((H * W, 3))
@@ -511,7 +511,7 @@ def vertex_normals(verts, faces):
 
 
 def _interp(attr, corners, b):
-    """(V, C) per-vertex attribute -> (M, C) at pixels with corner ids (M, 3) and weights b (M, 3)."""
+    """(V, C) per-vertex attribute -> (pixels, C) at pixels with corner ids (pixels, 3) and weights b (pixels, 3)."""
     return attr[corners[:, 0]] * b[:, :1] + attr[corners[:, 1]] * b[:, 1:2] + attr[corners[:, 2]] * b[:, 2:]
 
 
@@ -533,9 +533,9 @@ def render_mesh(verts, faces, K, image=None, size=None, color=(0.85, 0.66, 0.56)
     v, f = np.asarray(verts, np.float64), np.asarray(faces, np.int64)
     face, bary = rasterize(v, f, K, (H, W))
     m = face >= 0
-    corners, b = f[face[m]], bary[m]                      # (M, 3) corner ids and weights
-    n = _unit(_interp(vertex_normals(v, f), corners, b))  # (M, 3)
-    ray = _unit(_interp(v, corners, b))                   # (M, 3) surface point = camera ray
+    corners, b = f[face[m]], bary[m]                      # (covered, 3) corner ids and weights
+    n = _unit(_interp(vertex_normals(v, f), corners, b))  # (covered, 3)
+    ray = _unit(_interp(v, corners, b))                   # (covered, 3) surface point = camera ray
     n[np.einsum('ij,ij->i', n, ray) > 0] *= -1
     l = np.asarray(light, np.float64) / np.linalg.norm(light)
     half = _unit(l - ray)                                 # Blinn-Phong half vector
