@@ -542,3 +542,17 @@ def test_sampled_views_are_freihand_like_rotations():
     R = synthetic.sample_view(np.random.default_rng(1), frame, roll=0.0, tilt=0.0)
     assert np.allclose(R @ frame[:, 0], [0, -1, 0], atol=1e-9)
     assert np.allclose(np.abs(R @ frame[:, 2]), [0, 0, 1], atol=1e-9)
+
+
+def test_reference_scores_of_the_sampler_are_ordered():
+    """scripts/synth_reference.py: each ideal partial prediction that knows more of the true hand scores better;
+    fewer PCA components with less noise leave less beyond the first component."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import synth_reference
+    few = synth_reference.reference_scores(synth_reference.ReferenceConfig(n=60))
+    assert list(few) == ['mean hand', 'first component', 'first five', 'true fingers, zero betas']
+    values = list(few.values())
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] > 0.5    # the shape is still wrong
+    many = synth_reference.reference_scores(synth_reference.ReferenceConfig(n=60, pose_components=45,
+                                                                            pose_noise=0.08))
+    assert many['first five'] > few['first five'] + 1
