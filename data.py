@@ -32,8 +32,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from engine import read_json
-from mano import (MANO, MANO_TO_FREIHAND, OPENGL_TO_OPENCV, axis_angle_to_matrix, load_mano,
-                  load_pickle, matrix_to_axis_angle)
+from mano import MANO, MANO_TO_FREIHAND, OPENGL_TO_OPENCV, load_mano, load_pickle, rotate_axis_angle
 from synthetic import mano_model, project
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -301,13 +300,6 @@ class FinetuneAugment:
         return (x * gains.view(3, 1, 1)).clamp(0, 1)
 
 
-def rotate_axis_angle(R, aa):
-    """Axis-angle (3,) of R @ rotation(aa). A camera turned by R sees the MANO hand with global
-    rotation R R_global: the global orient is left-multiplied, the finger pose is unchanged."""
-    R, aa = torch.as_tensor(np.asarray(R, np.float64)), torch.as_tensor(np.asarray(aa, np.float64))
-    return matrix_to_axis_angle(R @ axis_angle_to_matrix(aa)).numpy()
-
-
 def _labels(V=0, **known):
     """SAMPLE's label fields as numpy arrays (3D in the OpenCV camera frame): `known`, zeros elsewhere."""
     ann = dict(joints3d=np.zeros((21, 3)), verts=np.zeros((V, 3)), pose=np.zeros(48), betas=np.zeros(10),
@@ -365,23 +357,6 @@ def resolve_mano(mano, root=None):
     if mano is None and root is not None and os.path.isfile(os.path.join(root, 'synth_config.json')):
         mano = read_json(os.path.join(root, 'synth_config.json')).get('mano')
     return MANO(load_mano(mano) if isinstance(mano, dict) else mano_model(mano))
-
-
-def freihand_mano_to_mesh(mano61, K, layer):
-    """FreiHAND's 61 values (B, 61) and K (B, 3, 3) -> verts (B, V, 3), joints (B, 21, 3), absolute pose
-    (B, 48), camera frame. As the official toolbox (utils/model.py): pose[3:] is relative to hands_mean;
-    uv_root is the pixel projection of keypoint 9 (middle MCP) and the last value s = f / z of it, so it
-    back-projects to xyz_root = ((u - px) / s, (v - py) / s, f / s) with f = (fx + fy) / 2; the posed
-    mesh is translated so that its keypoint 9 lands there."""
-    mano61, K = torch.as_tensor(mano61, dtype=torch.float64), torch.as_tensor(K, dtype=torch.float64)
-    pose = mano61[:, :48].clone()
-    pose[:, 3:] += layer.hands_mean.double()
-    out = layer(pose.float(), mano61[:, 48:58].float())
-    s = mano61[:, 60:61]
-    f = 0.5 * (K[:, 0, 0] + K[:, 1, 1])[:, None]
-    xyz_root = torch.cat([(mano61[:, 58:60] - K[:, :2, 2]) / s, f / s], 1)  # (B, 3)
-    t = (xyz_root - out.joints[:, 9].double())[:, None]                      # (B, 1, 3)
-    return out.vertices.double() + t, out.joints.double() + t, pose
 
 
 class FreiHAND(torch.utils.data.Dataset):

@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 # -------- 1. Config and CLI
 def option(default, help, **metadata):
-    """A dataclass field with its --help text (read by config_from_cli); `positional=True` makes it an
-    optional positional argument."""
+    """A dataclass field with its --help text (config_from_cli); `positional=True`: an optional positional."""
     return field(default=default, metadata=dict(help=help, **metadata))
 
 
@@ -57,10 +56,8 @@ def config_from_cli(cls, argv=None):
             kw.update(nargs='+', type=type(default[0]) if default else str)
         else:   # `x: int = None` or `x: float | None = None` take the type from the annotation
             kw['type'] = type(default) if default is not None else _annotation_type(f.type)
-        if f.metadata.get('positional'):
-            parser.add_argument(f.name, nargs='?', **kw)
-        else:
-            parser.add_argument('--' + f.name, **kw)
+        positional = f.metadata.get('positional')
+        parser.add_argument(f.name if positional else '--' + f.name, **(dict(nargs='?') if positional else {}), **kw)
     args = parser.parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
     return cls(**values)
@@ -214,20 +211,14 @@ def remove_stale_tmp(folder):
     removed = []
     for path in glob.glob(os.path.join(glob.escape(folder), '*' + TMP_SUFFIX + '*')):
         pid = path.rsplit(TMP_SUFFIX, 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        try:
+            os.kill(int(pid), 0) if pid.isdigit() else None   # signal 0 only asks whether the process exists
+        except ProcessLookupError:
             os.remove(path)
             removed.append(path)
+        except PermissionError:   # it exists, as someone else's
+            pass
     return removed
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)   # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # it exists, as someone else's
-        pass
-    return True
 
 
 def save_checkpoint(state, path):

@@ -84,6 +84,13 @@ def matrix_to_axis_angle(R):
     return torch.where((cos < -0.5)[..., None], angle[..., None] * axis, aa_small)
 
 
+def rotate_axis_angle(R, aa):
+    """Axis-angle (3,) of R @ rotation(aa). A camera turned by R sees the MANO hand with global
+    rotation R R_global: the global orient is left-multiplied, the finger pose is unchanged."""
+    R, aa = torch.as_tensor(np.asarray(R, np.float64)), torch.as_tensor(np.asarray(aa, np.float64))
+    return matrix_to_axis_angle(R @ axis_angle_to_matrix(aa)).numpy()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading MANO files (official .pkl without chumpy, .npz) and finding them
 # ----------------------------------------------------------------------------------------------------

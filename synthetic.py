@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from engine import atomic_open, option, run_cli, write_atomic
 from mano import (FREIHAND_TO_MANO, MANO, OPENGL_TO_OPENCV, axis_angle_to_matrix, find_mano, load_mano,
-                  matrix_to_axis_angle)
+                  matrix_to_axis_angle, rotate_axis_angle)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -829,9 +829,26 @@ def _scenes(layer, prior, count, seed, code, size, focal, hand_px, spread=0.0, b
             yield i, rng, poses[b], betas[b], joints[b, 0], verts[b] + t, joints[b] + t, K
 
 
+def freihand_mano_to_mesh(mano61, K, layer):
+    """FreiHAND's 61 values (B, 61) and K (B, 3, 3) -> verts (B, V, 3), joints (B, 21, 3), absolute pose
+    (B, 48), camera frame. As the official toolbox (utils/model.py): pose[3:] is relative to hands_mean;
+    uv_root is the pixel projection of keypoint 9 (middle MCP) and the last value s = f / z of it, so it
+    back-projects to xyz_root = ((u - px) / s, (v - py) / s, f / s) with f = (fx + fy) / 2; the posed
+    mesh is translated so that its keypoint 9 lands there."""
+    mano61, K = torch.as_tensor(mano61, dtype=torch.float64), torch.as_tensor(K, dtype=torch.float64)
+    pose = mano61[:, :48].clone()
+    pose[:, 3:] += layer.hands_mean.double()
+    out = layer(pose.float(), mano61[:, 48:58].float())
+    s = mano61[:, 60:61]
+    f = 0.5 * (K[:, 0, 0] + K[:, 1, 1])[:, None]
+    xyz_root = torch.cat([(mano61[:, 58:60] - K[:, :2, 2]) / s, f / s], 1)  # (B, 3)
+    t = (xyz_root - out.joints[:, 9].double())[:, None]                      # (B, 1, 3)
+    return out.vertices.double() + t, out.joints.double() + t, pose
+
+
 def mesh_to_freihand_mano(pose, betas, joints, K, hands_mean):
     """FreiHAND's (61,) MANO vector of a hand: (48,) absolute pose, (10,) betas, camera-frame joints (21, 3)
-    and K (the inverse of data.freihand_mano_to_mesh). Exact when fx == fy (FreiHAND's own approximation)."""
+    and K (the inverse of `freihand_mano_to_mesh`). Exact when fx == fy (FreiHAND's own approximation)."""
     f = 0.5 * (K[0, 0] + K[1, 1])
     uv_root = project(joints[9:10], K)[0]
     return np.concatenate([pose[:3], pose[3:] - hands_mean, betas, uv_root, [f / joints[9, 2]]])
@@ -881,8 +898,7 @@ def _synth_ho3d(out, layer, prior, n, n_eval, seed, sampler, size=(480, 640), pe
                 Image.fromarray(img).save(os.path.join(out, split, seq, 'rgb', fid + '.png'), compress_level=1)
                 # The same hand in the OpenGL frame: C is a rotation, so MANO(pose_gl, betas) + trans_gl = C x
                 # with R_gl = C R and trans_gl = C (J0 + t) - J0 = C j[0] - J0 (the rotation pivots about J0).
-                glob = matrix_to_axis_angle(torch.as_tensor(C @ axis_angle_to_matrix(torch.as_tensor(pose[:3])).numpy()))
-                pose_gl = np.concatenate([glob.numpy(), pose[3:]])
+                pose_gl = np.concatenate([rotate_axis_angle(C, pose[:3]), pose[3:]])
                 joints_gl = (j @ C)[FREIHAND_TO_MANO]
                 if split == 'train':
                     meta = dict(handPose=pose_gl, handBeta=betas, handTrans=C @ j[0] - J0, handJoints3D=joints_gl,

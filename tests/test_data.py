@@ -245,7 +245,7 @@ def test_freihand_61_values_reproduce_xyz_and_verts(freihand_set, layer, split):
     mano61, K = _load(freihand_set, f'{split}_mano.json'), _load(freihand_set, f'{split}_K.json')
     xyz, verts = _load(freihand_set, f'{split}_xyz.json'), _load(freihand_set, f'{split}_verts.json')
     assert mano61.shape[1:] == (1, 61) and xyz.shape[1:] == (21, 3) and verts.shape[1:] == (layer.num_verts, 3)
-    v, j, pose = data.freihand_mano_to_mesh(mano61[:, 0], K, layer)
+    v, j, pose = synthetic.freihand_mano_to_mesh(mano61[:, 0], K, layer)
     assert np.abs(j.numpy() - xyz).max() < 1e-5 and np.abs(v.numpy() - verts).max() < 1e-5  # << 1 mm
     # the stored finger pose is relative to hands_mean: the absolute pose adds it back
     assert np.allclose(pose[:, 3:].numpy(), mano61[:, 0, 3:48] + layer.hands_mean.numpy(), atol=1e-6)
