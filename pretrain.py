@@ -223,6 +223,7 @@ def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
 class PretrainConfig:
     """HandMIM self-supervised pretraining of a ViT on a folder of unlabeled hand images."""
     data: str = option('./hands', 'folder of hand images, searched recursively')
+    max_images: int = option(0, 'pretrain on the first this many images of the folder (sorted paths); 0 = all')
     output_dir: str = option('./runs/pretrain', 'checkpoint.pth, log.jsonl, config.json and backbone.pth go here')
     preset: str = option('auto', 'tiny (CPU quick start) | base (paper scale) | auto: base with a GPU, else tiny',
                         choices=['auto', 'tiny', 'base'])
@@ -428,6 +429,7 @@ def train(cfg):
     augment = PretrainAugment(cfg.img_size, n_local=cfg.n_local, local_size=cfg.local_size)
     grid = (cfg.img_size // cfg.patch_size,) * 2
     images = ImageFolder(pretraining_images(cfg.data), transform=augment)
+    images.paths = images.paths[:cfg.max_images or None]
     dataset = KeyedSamples(MaskedViews(images, grid, cfg.mask_ratio, cfg.mask_ratio_var), cfg.seed)
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
