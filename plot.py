@@ -183,19 +183,21 @@ def plot_run(run_dir, path=None):
         raise ValueError(f'{run_dir}/log.jsonl has one logged step: run longer (or lower --log_every) to plot curves')
     cfg_path = os.path.join(run_dir, 'config.json')
     cfg = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
-    if any('t_entropy' in r for r in records):   # pretrain.py
+    if 'w_pix' in cfg or any(k in r for r in records for k in ('pix', 'mim', 't_entropy')):   # pretrain.py
         losses = Chart('HandMIM pretraining losses', 'step', 'loss')
         for k, name in (('cls', '[CLS] distillation'), ('pka', 'pseudo keypoints'), ('mim', 'patch MIM'),
                         ('pix', 'pixels (normalized)')):
             if any(k in r for r in records):
                 losses.line(*_series(records, k), name)
-        entropy = Chart('teacher [CLS] distribution', 'step', 'entropy (nats)')
-        entropy.line(*_series(records, 't_entropy'), 'centred teacher')
-        if cfg.get('out_dim'):
-            entropy.hline(math.log(cfg['out_dim']), 'uniform (collapse)')
-        spread = Chart('pseudo keypoints', 'step', 'spread across images ([-1, 1] units)')
-        spread.line(*_series(records, 'kp_spread'), 'std over the batch')
-        charts = [losses, entropy, spread]
+        charts = [losses]
+        if any('t_entropy' in r for r in records):   # the teacher's signs (runs with a teacher-based loss)
+            entropy = Chart('teacher [CLS] distribution', 'step', 'entropy (nats)')
+            entropy.line(*_series(records, 't_entropy'), 'centred teacher')
+            if cfg.get('out_dim'):
+                entropy.hline(math.log(cfg['out_dim']), 'uniform (collapse)')
+            spread = Chart('pseudo keypoints', 'step', 'spread across images ([-1, 1] units)')
+            spread.line(*_series(records, 'kp_spread'), 'std over the batch')
+            charts += [entropy, spread]
     else:   # finetune.py
         terms = Chart('fine-tuning loss terms (last regressor iteration)', 'step', 'value', log_y=True)
         for k in ('j3d', 'v3d', 'hand', 'j2d', 'rot', 'beta', 'heatmap'):
