@@ -86,10 +86,8 @@ def run_cli(config_cls, run, argv=None):
 
 # -------- 2. Schedules
 def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_start=0.0):
-    """Linear warm-up from `warmup_start` to `start`, then half a cosine from `start` to `end` (clamped).
-
-    iBOT/DINO `cosine_scheduler` as a pure function of the step: lr, weight decay, EMA momentum and,
-    with start == end, the teacher-temperature warm-up."""
+    """Linear warm-up from `warmup_start` to `start`, then half a cosine to `end` (clamped): iBOT/DINO's
+    `cosine_scheduler` as a pure function of the step (lr, weight decay, EMA momentum, teacher temperature)."""
     if step < warmup_steps:
         return warmup_start + (start - warmup_start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -97,11 +95,9 @@ def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_start=
 
 
 def param_groups(model, weight_decay, lr_scale_fn=None):
-    """AdamW groups of the trainable parameters: no weight decay on biases, norms, tokens, pos_embed.
-
-    Each group carries 'wd_scale' (1 or 0) and 'lr_scale' (lr_scale_fn(name), e.g. layer-wise decay):
-    the training loop sets lr = lr(step) * lr_scale and weight_decay = wd(step) * wd_scale.
-    """
+    """AdamW groups of the trainable parameters, no weight decay on biases, norms, tokens, pos_embed; each
+    carries 'wd_scale' (1 or 0) and 'lr_scale' (lr_scale_fn(name), e.g. layer-wise decay), which the
+    training loop multiplies with lr(step) and wd(step)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -143,7 +139,7 @@ def teardown_distributed():
 
 
 def print0(*args, **kwargs):
-    """print() on rank 0 only (instead of patching builtins.print as DINO/MAE do)."""
+    """print() on rank 0 only (DINO/MAE patch builtins.print instead)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
@@ -183,9 +179,9 @@ TMP_SUFFIX = '.tmp'
 
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
-    """Open `path` for writing through `path.tmp<pid>`, flushed, fsynced and renamed over `path` when the
-    block ends without an error (removed otherwise): an interrupted write never leaves a truncated file or
-    clobbers the old one. The one writer behind checkpoints, submissions, results and synthetic sets."""
+    """Open `path` for writing through `path.tmp<pid>`, fsynced and renamed over `path` when the block ends
+    without an error (removed otherwise): an interrupted write never leaves a truncated file or clobbers
+    the old one. The one writer behind checkpoints, submissions, results and synthetic sets."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}{TMP_SUFFIX}{os.getpid()}'
     try:
@@ -200,7 +196,7 @@ def atomic_open(path, mode='wb'):
 
 
 def write_atomic(path, data):
-    """Write `data` (str or bytes) to `path` atomically (`atomic_open`)."""
+    """Write `data` (str or bytes) to `path` atomically."""
     with atomic_open(path) as f:
         f.write(data.encode() if isinstance(data, str) else data)
 
@@ -299,9 +295,8 @@ class NonFiniteGuard:
 
 
 def backward_step(loss, step, optimizer, scaler, guard, clip=None, before_update=None):
-    """backward + (clip) + optimizer step unless `guard` refuses the loss -> whether the step was taken.
-    `clip()` sees the true (unscaled) gradients; `before_update()` may still edit them (DINO's frozen
-    last layer)."""
+    """backward + (clip) + optimizer step unless `guard` refuses the loss -> whether the step was taken. `clip()`
+    sees the true (unscaled) gradients; `before_update()` may still edit them (DINO's frozen last layer)."""
     taken = guard(loss, step)
     if taken:
         scaler.scale(loss).backward()
@@ -356,13 +351,19 @@ def check_same_architecture(saved, cfg, fields):
                          "). Pass the same flags as the original run, or drop --resume to start afresh.")
 
 
-def prepare_output_dir(path, config):
+def prepare_output_dir(path, config, step=0):
     """Create the output folder (only once the inputs are validated: a failed start writes nothing), remove
-    what killed runs left there, and save the resolved config as config.json."""
+    what killed runs left there, save the resolved config as config.json, and drop the lines of log.jsonl
+    written after `step` (the resumed one), so that a resumed run's log reads as one run."""
     os.makedirs(path, exist_ok=True)
     for stale in remove_stale_tmp(path):
         print0(f'removed {stale}, left by a run that was killed while writing')
     write_atomic(os.path.join(path, 'config.json'), json.dumps(config, indent=1))
+    log = os.path.join(path, 'log.jsonl')
+    if os.path.exists(log):
+        lines = [line for line in open(log) if json.loads(line)['step'] <= step]
+        with atomic_open(log, 'w') as f:
+            f.writelines(lines)
 
 
 # -------- 6. Reproducibility: per-sample seeds, the data order
@@ -389,8 +390,7 @@ def sample_seed(seed, epoch, index):
 
 class KeyedSamples(torch.utils.data.Dataset):
     """`dataset` indexed by (epoch, index) keys (`epoch_keys`), each sample drawn under RNGs seeded by
-    `sample_seed`: its augmentation is a pure function of the key, in any worker, so a resumed run sees
-    exactly the samples an uninterrupted one would."""
+    `sample_seed`: in any worker, a resumed run sees exactly the samples an uninterrupted one would."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -404,9 +404,8 @@ class KeyedSamples(torch.utils.data.Dataset):
 
 
 def epoch_keys(n_images, epoch, seed, rank, world, batch_size):
-    """This rank's (epoch, index) keys for one epoch: a seeded permutation cut into whole global
-    batches; rank r takes rows [r*B, (r+1)*B) of every global batch, so 1 process with batch W*B
-    and W processes with batch B see the same global batches."""
+    """This rank's (epoch, index) keys for one epoch: a seeded permutation cut into whole global batches;
+    rank r takes rows [r*B, (r+1)*B) of each, so 1 process of batch W*B and W of batch B see the same."""
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     steps = n_images // (world * batch_size)
     perm = torch.randperm(n_images, generator=g)[:steps * world * batch_size]
@@ -428,11 +427,9 @@ class Progress:
 def train_loop(cfg, dataset, progress, train_step, end_epoch, device, rank=0, world=1, log_path=None, show=()):
     """The epoch/step skeleton of both trainers -> None when done, 0 at --max_steps, 130 on Ctrl-C/SIGTERM.
 
-    `dataset` is indexed by (epoch, index) keys (`KeyedSamples`); `train_step(batch, step)` runs one
-    optimisation step on the device batch and returns a dict of floats to log; `end_epoch(finished, stop)`
-    runs after each epoch and where a run stops (validation, checkpoints). The global RNG is seeded per step
-    (drop path), so a resumed run replays the uninterrupted one. Uses cfg's epochs, batch_size, workers,
-    seed, log_every and max_steps."""
+    `dataset` is indexed by (epoch, index) keys (`KeyedSamples`); `train_step(batch, step)` runs one step on
+    the device batch and returns floats to log; `end_epoch(finished, stop)` runs after each epoch and where a
+    run stops. The global RNG is seeded per step (drop path), so a resumed run replays the uninterrupted one."""
     global_batch = cfg.batch_size * world
     steps_per_epoch = len(dataset) // global_batch
     stop = None
@@ -458,26 +455,15 @@ def train_loop(cfg, dataset, progress, train_step, end_epoch, device, rank=0, wo
                 if rank == 0 and log_path and (progress.step % cfg.log_every == 0
                                                or progress.step_in_epoch == steps_per_epoch):
                     log_jsonl(log_path, record)
-                if any_rank(signal_stop.requested, device):
-                    stop = 130
-                elif cfg.max_steps and progress.step >= cfg.max_steps:
-                    stop = 0
+                stop = 130 if any_rank(signal_stop.requested, device) else (
+                    0 if cfg.max_steps and progress.step >= cfg.max_steps else None)
                 if stop is not None:
                     break
             bar.close()
-            finished = progress.step_in_epoch == steps_per_epoch
-            if finished:
+            if (finished := progress.step_in_epoch == steps_per_epoch):
                 progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
             end_epoch(finished, stop)
     return stop
-
-
-def trim_log(path, step):
-    """Drop the lines of a JSON-lines log written after `step`, so a resumed run's log reads as one run."""
-    if os.path.exists(path):
-        lines = [line for line in open(path) if json.loads(line)['step'] <= step]
-        with atomic_open(path, 'w') as f:
-            f.writelines(lines)
 
 
 # -------- 8. Procrustes alignment (the official FreiHAND `align_w_scale`)

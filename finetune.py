@@ -39,7 +39,7 @@ from engine import (KeyedSamples, NonFiniteGuard, Progress, apply_preset, autoca
                     check_same_architecture,
                     cosine_schedule, load_checkpoint, log_jsonl, make_scaler, option, param_groups, prepare_output_dir,
                     print0, procrustes, run_cli, save_checkpoint, setup_distributed, teardown_distributed,
-                    train_loop, trim_log)
+                    train_loop)
 from mano import axis_angle_to_matrix
 from model import ARCHS, build_regressor
 from plot import draw_curves
@@ -326,8 +326,7 @@ def train(cfg):
     else:
         print0('no --pretrained: the ViT starts from scratch')
     if is_main:  # only now that data and weights are known to be good: a failed start writes nothing
-        prepare_output_dir(cfg.output_dir, asdict(cfg))
-        trim_log(out('log.jsonl'), progress.step)
+        prepare_output_dir(cfg.output_dir, asdict(cfg), progress.step)
     if len(val_set) and progress.step == 0:   # the baseline every validation is read against
         base = validate(model, val_set, cfg, device, rank, world, mean_hand=True)
         print0('mean hand | validation ' + ' | '.join(f'{k[:-3]} {v:.2f} mm' for k, v in base.items()))

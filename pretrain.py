@@ -43,7 +43,7 @@ from data import ImageFolder, PretrainAugment
 from engine import (KeyedSamples, NonFiniteGuard, Progress, apply_preset, autocast, backward_step,
                     check_same_architecture, cosine_schedule, load_checkpoint, make_scaler, option, param_groups,
                     prepare_output_dir, print0, run_cli, save_checkpoint, setup_distributed, teardown_distributed,
-                    train_loop, trim_log)
+                    train_loop)
 from plot import draw_curves
 
 
@@ -457,9 +457,8 @@ def train(cfg):
         guard.n_skipped = state.get('non_finite_steps', 0)
         print0(f"resumed from {cfg.resume}: epoch {progress.epoch}, step {progress.step}")
     if is_main:   # only now that data and weights are known to be good: a failed start writes nothing
-        prepare_output_dir(cfg.output_dir, dataclasses.asdict(cfg))
+        prepare_output_dir(cfg.output_dir, dataclasses.asdict(cfg), progress.step)
         print0(json.dumps(dataclasses.asdict(cfg)))
-        trim_log(out('log.jsonl'), progress.step)
     lr_peak = cfg.blr * global_batch / 256
     m0 = cfg.momentum_teacher if cfg.momentum_teacher is not None else teacher_momentum(total_steps)
     print0(f'{total_steps} steps: teacher EMA momentum {m0:.4f} -> 1, peak lr {lr_peak:.2e}')
