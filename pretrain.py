@@ -16,10 +16,9 @@ Run:   python pretrain.py --data ./hands                        (CPU: the 'tiny'
        python pretrain.py --data DIR --preset base --amp bf16   (one GPU, paper scale)
        torchrun --nproc_per_node=2 pretrain.py --data DIR       (DDP; gloo on CPU, NCCL on GPU)
        python pretrain.py --help                                (every flag, e.g. --w_pka 0 for an ablation)
-Outputs in --output_dir: config.json, log.jsonl, checkpoint.pth (each epoch and on Ctrl-C), backbone.pth
-at the end (the TEACHER's ViT under the standard MAE/DINO/timm key names). Exit codes: 0 done, 130 stopped
-by Ctrl-C/SIGTERM (checkpoint saved; --resume continues exactly), 2 bad input, 1 loss NaN/inf too often.
-The plumbing (CLI, schedules, DDP, AMP, checkpoints, the loop) is engine.py's.
+Outputs in --output_dir: config.json, log.jsonl, curves.png, checkpoint.pth (each epoch and on Ctrl-C),
+backbone.pth at the end (the TEACHER's ViT under the standard MAE/DINO/timm key names). Exit codes: 0 done,
+130 stopped (checkpoint saved; --resume continues exactly), 2 bad input, 1 loss NaN/inf too often.
 
 Shapes (README legend): B batch, S view side (px), N = h*w patches, D width, H heads (= pseudo keypoints),
 C head output dim (out_dim); the two global views of a batch are stacked as (2B, ...).
@@ -165,9 +164,7 @@ def patchify(images, patch_size):
 
 def pixel_loss(pred, images, mask, patch_size):
     """MAE norm_pix loss: MSE to per-patch normalised pixels, averaged over all masked patches.
-
-    pred (B, N, p*p*3), images (B, 3, S, S), mask (B, N) bool.
-    """
+    pred (B, N, p*p*3), images (B, 3, S, S), mask (B, N) bool."""
     target = patchify(images.float(), patch_size)                          # (B, N, p*p*3)
     mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)   # unbiased, as MAE
     target = (target - mean) / (var + 1e-6).sqrt()
@@ -187,11 +184,9 @@ def attention_keypoints(attn, grid):
 
 
 def map_between_views(points, affine_from, size_from, affine_to, size_to):
-    """Map normalised points (B, H, 2) of one view into another through the pixel map A_to A_from^-1.
-
-    A view has a source->view pixel affine (B, 2, 3) and a side S. Pixel centres sit at integer
-    coordinates (data.py, OpenCV), so u = (x + 1) * S / 2 - 0.5 (grid_sample's align_corners=False).
-    """
+    """Map normalised points (B, H, 2) of one view into another through the pixel map A_to A_from^-1. A view
+    has a source->view pixel affine (B, 2, 3) and a side S; pixel centres sit at integer coordinates (data.py,
+    OpenCV), so u = (x + 1) * S / 2 - 0.5 (grid_sample's align_corners=False)."""
     square = lambda A: torch.cat([A, A.new_tensor([[0.0, 0, 1]]).expand(len(A), 1, 3)], 1).double()   # (B, 3, 3)
     T = square(affine_to) @ torch.linalg.inv(square(affine_from))              # (B, 3, 3) pixel map
     px = (points.double() + 1) * size_from / 2 - 0.5                          # (B, H, 2) pixels
@@ -202,10 +197,8 @@ def map_between_views(points, affine_from, size_from, affine_to, size_to):
 def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
     """Pseudo keypoint alignment: L1 between the student's PKA-head keypoints of view i and the teacher's
     attention keypoints of every other global view j mapped into view i, where those land inside view i.
-
     student_kp: list of (B, H, 2) per view (globals first); teacher_kp: list of (B, H, 2) for the first
-    `n_teacher` views; affines: list of (B, 2, 3) per view; sizes: list of view sides in pixels.
-    """
+    `n_teacher` views; affines: list of (B, 2, 3) per view; sizes: list of view sides in pixels."""
     total, count = 0.0, 0.0   # become tensors at the first pair (there is always one)
     for j in range(n_teacher):
         for i, pred in enumerate(student_kp):
@@ -245,8 +238,7 @@ class PretrainConfig:
     warmup_epochs: int = option(None, 'linear learning-rate warm-up epochs')
     weight_decay: float = option(0.04, 'weight decay at the start (cosine schedule)')
     weight_decay_end: float = option(0.4, 'weight decay at the end')
-    momentum_teacher: float = option(None, 'EMA momentum at the start, cosine to 1; default: iBOT\'s 0.996, lowered '
-                                           'for short runs so the teacher tracks the student (teacher_momentum)')
+    momentum_teacher: float = option(None, 'EMA momentum at the start, cosine to 1; default: teacher_momentum')
     clip_grad: float = option(3.0, 'per-parameter gradient-norm clip (iBOT); 0 = off')
     freeze_last_layer: int = option(1, "epochs with the projection head's last layer frozen (DINO)")
     student_temp: float = option(0.1, 'student softmax temperature')
