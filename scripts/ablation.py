@@ -14,7 +14,6 @@ Runs, every fine-tuning run with the same recipe and budget (only --pretrained a
   pix_only   masked pixel reconstruction alone (MAE-style: --w_cls 0 --w_pka 0 --w_mim 0)   (--ablation_seeds)
 Each pretraining variant is pretrained once (seed 0); finetune.py keeps the epoch with the best validation score on a
 held-out part of the labelled set (best.pth), which is what gets scored.
-
 Run (from the repository root):
     python scripts/ablation.py                # CPU sizes (PROFILES['cpu']), the README's table
     python scripts/ablation.py --gpu          # one GPU: cuda, bf16, 224 px ViT-S/16, larger sets (PROFILES['gpu'])
@@ -65,11 +64,13 @@ LABEL_FILES = ('K', 'mano', 'xyz', 'verts', 'scale')  # FreiHAND's training_*/ev
 # Sizes and recipe per profile; a flag given on the command line wins. --smoke overrides --gpu's sizes only.
 PROFILES = {
     'cpu': dict(n_unlabeled=8000, n_labelled=1500, n_eval=400, img_size=64, patch_size=8, arch='vit_tiny', depth=6,
-                pretrain_epochs=4, finetune_epochs=24, batch_size=32, workers=2, max_steps=0, device='cpu',
-                amp='off', pretrain_args='', finetune_args='--head_width 64 --w_hand 5 --warmup_epochs 3'),
+                pretrain_epochs=2, finetune_epochs=14, batch_size=32, workers=2, max_steps=0, device='cpu',
+                amp='off', pretrain_args='--freeze_last_layer 0 --warmup_teacher_temp_epochs 1',
+                finetune_args='--warmup_epochs 2'),
     'gpu': dict(n_unlabeled=20000, n_labelled=4000, n_eval=1000, img_size=224, patch_size=16, arch='vit_small',
                 depth=12, pretrain_epochs=30, finetune_epochs=30, batch_size=64, workers=8, device='cuda',
-                amp='bf16', finetune_args='--w_hand 5'),
+                amp='bf16', pretrain_args='--warmup_epochs 3 --warmup_teacher_temp_epochs 9',
+                finetune_args='--w_hand 5 --warmup_epochs 3'),
     'smoke': dict(n_unlabeled=24, n_labelled=12, n_eval=4, depth=2, pretrain_epochs=1, finetune_epochs=1,
                   batch_size=4, workers=0, max_steps=1),
 }
@@ -317,8 +318,7 @@ def load_results(folder):
 
 
 def finished(cfg, name):
-    path = os.path.join(cfg.results, name + '.json')
-    return None if cfg.force else read_json(path)
+    return None if cfg.force else read_json(os.path.join(cfg.results, name + '.json'))
 
 
 def mean_hand_run(cfg, paths):
@@ -369,9 +369,8 @@ def finetune_run(cfg, variant, seed, pre, paths):
 
 
 def announce(result):
-    m = result['metrics']
-    print(f"{result['run']:16s} PA-MPJPE {m['pa_mpjpe_mm']:6.2f} mm | PA-MPVPE {m['pa_mpvpe_mm']:6.2f} mm | "
-          f"F@5 {m['f5']:.3f} | F@15 {m['f15']:.3f}", flush=True)
+    print(f"{result['run']:16s} " + ' | '.join(f"{t.split(' (')[0]} {result['metrics'][k]:.{d}f}"
+                                               for k, t, d in METRICS), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
