@@ -138,6 +138,8 @@ class Chart:
                 label = None
             if label:
                 legend.append((label, color))
+        if legend:   # top right, on white so that the lines under it do not cross the text
+            d.rectangle([right - 156, top + 3, right - 3, top + 9 + 15 * len(legend)], fill='white', outline=(200,) * 3)
         for k, (label, color) in enumerate(legend):
             y = top + 6 + 15 * k
             d.rectangle([right - 150, y + 3, right - 140, y + 9], fill=color)
