@@ -8,9 +8,8 @@ three granularities:
                 from the student's [CLS] token, which makes it pose-aware;
   L_mim         patch tokens: iBOT masked-image-modeling self-distillation on the masked patches;
   L_pix         pixels: MAE norm_pix reconstruction of the masked patches (SimMIM-style linear head).
-The paper's full text is not available: PKA's exact form and the loss weights (1 each) are our design
-on top of the public recipes (bytedance/ibot main_ibot.py, DINO, MAE); the README lists our choices. The
-teacher's EMA momentum starts at iBOT's 0.996 only in runs long enough for it (`teacher_momentum`).
+The paper's full text is not available: PKA's exact form and the loss weights (1 each) are our design on the
+public recipes (iBOT main_ibot.py, DINO, MAE; README). The EMA momentum scales with the run (`teacher_momentum`).
 
 Run:   python pretrain.py --data ./hands                        (CPU: the 'tiny' preset, announced)
        python pretrain.py --data DIR --preset base --amp bf16   (one GPU, paper scale)
@@ -20,8 +19,8 @@ Outputs in --output_dir: config.json, log.jsonl, curves.png, checkpoint.pth (eac
 backbone.pth at the end (the TEACHER's ViT under the standard MAE/DINO/timm key names). Exit codes: 0 done,
 130 stopped (checkpoint saved; --resume continues exactly), 2 bad input, 1 loss NaN/inf too often.
 
-Shapes (README legend): B batch, S view side (px), N = h*w patches, D width, H heads (= pseudo keypoints),
-C head output dim (out_dim); the two global views of a batch are stacked as (2B, ...).
+Shapes (README legend): B batch, S view side, N = h*w patches, D width, H heads (= pseudo keypoints), C head
+output dim (out_dim); the global views of a batch are stacked as (2B, ...), its L local views as (LB, ...).
 """
 import copy
 import dataclasses
@@ -48,12 +47,9 @@ from plot import draw_curves
 
 # -------- HandMIM components: masking, EMA teacher, losses, pseudo keypoints
 def block_mask(h, w, ratio, rng, min_aspect=0.3):
-    """iBOT/BEiT block-wise mask over an h x w patch grid -> bool (h, w), True = masked.
-
-    Rectangles of random area (>= (min(h, w) // 3)^2 patches) and aspect ratio in [min_aspect,
-    1/min_aspect] are added until ratio*h*w patches are masked; one is accepted only if it adds
-    between 1 and the remaining number, so the count never exceeds the target. `rng`: random.Random.
-    """
+    """iBOT/BEiT block-wise mask over an h x w patch grid -> bool (h, w), True = masked. Rectangles of random
+    area (>= (min(h, w) // 3)^2 patches) and aspect ratio in [min_aspect, 1/min_aspect] are added until
+    ratio*h*w patches are masked, each only if it adds 1 to the remaining number (`rng`: random.Random)."""
     mask, count = torch.zeros(h, w, dtype=torch.bool), 0
     target, min_area = ratio * h * w, (min(h, w) // 3) ** 2
     log_ar = (math.log(min_aspect), math.log(1 / min_aspect))
@@ -78,13 +74,10 @@ def block_mask(h, w, ratio, rng, min_aspect=0.3):
 
 
 def teacher_momentum(total_steps, base=0.996, horizon=10.0):
-    """The EMA momentum at the start of a run of `total_steps`: iBOT's `base`, or lower for a short run.
-
-    With momentum m(t) going from m0 to 1 along a cosine, the teacher keeps exp(-sum_t (1 - m(t))) =
-    exp(-(1 - m0) T / 2) of its initialisation. iBOT's 0.996 at T ~ 10^5 steps leaves nothing of it, but
-    at T = 250 it keeps 61%: the exported teacher would be mostly random weights. So 1 - m0 is at least
-    `horizon` / T, which keeps exp(-horizon / 2) < 1% of the start, and runs longer than
-    horizon / (1 - base) = 2500 steps use iBOT's value unchanged."""
+    """The EMA momentum at the start of a run of `total_steps`: iBOT's `base`, or lower for a short run. With m
+    rising from m0 to 1 along a cosine, the teacher keeps exp(-(1 - m0) T / 2) of its initialisation: with
+    0.996 nothing after T ~ 10^5 steps, but 61% after T = 250. So 1 - m0 >= `horizon` / T, which keeps under
+    exp(-horizon / 2) < 1%; runs of horizon / (1 - base) = 2500 steps or more use iBOT's value unchanged."""
     return min(base, max(0.0, 1.0 - horizon / max(total_steps, 1)))   # runs under `horizon` steps: 0 (a copy)
 
 
@@ -105,8 +98,8 @@ def ema_update(teacher, student, momentum):
 
 
 class Centre(nn.Module):
-    """The teacher-output centre c of DINO/iBOT, a buffer updated by EMA over the global batch. Centring
-    (subtracting c) and sharpening (a low teacher temperature) together prevent collapse."""
+    """The teacher-output centre c of DINO/iBOT (EMA over the global batch); centring and sharpening (a low
+    teacher temperature) together prevent collapse."""
 
     def __init__(self, dim, momentum=0.9):
         super().__init__()
@@ -134,9 +127,7 @@ def soft_cross_entropy(teacher_probs, student_logits, student_temp=0.1):
 
 def cls_loss(student_cls, teacher_probs, student_temp=0.1):
     """DINO/iBOT cross-view [CLS] loss: mean over pairs (teacher view q, student view v), v != q.
-
-    student_cls: list of (B, C) logits, globals first; teacher_probs: list of (B, C) targets of the globals.
-    """
+    student_cls: list of (B, C) logits, globals first; teacher_probs: list of (B, C) targets of the globals."""
     terms = [soft_cross_entropy(t, s, student_temp).mean()
              for q, t in enumerate(teacher_probs) for v, s in enumerate(student_cls) if v != q]
     return sum(terms) / len(terms)
@@ -156,10 +147,9 @@ def mim_loss(student_patch, teacher_probs, masks, student_temp=0.1):
 
 def patchify(images, patch_size):
     """(B, 3, S, S) -> (B, N, p*p*3) with each patch (p = patch_size) laid out (row, column, channel), as MAE."""
-    B, C, H, W = images.shape
-    h, w = H // patch_size, W // patch_size
-    x = images.reshape(B, C, h, patch_size, w, patch_size)                # (B, 3, h, p, w, p)
-    return torch.einsum('bchpwq->bhwpqc', x).reshape(B, h * w, patch_size ** 2 * C)   # (B, N, p*p*3)
+    (B, C, H, W), p = images.shape, patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)                         # (B, 3, h, p, w, p)
+    return torch.einsum('bchpwq->bhwpqc', x).reshape(B, -1, p * p * C)   # (B, N, p*p*3)
 
 
 def pixel_loss(pred, images, mask, patch_size):
@@ -168,8 +158,7 @@ def pixel_loss(pred, images, mask, patch_size):
     target = patchify(images.float(), patch_size)                          # (B, N, p*p*3)
     mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)   # unbiased, as MAE
     target = (target - mean) / (var + 1e-6).sqrt()
-    per_patch = ((pred.float() - target) ** 2).mean(-1)                     # (B, N)
-    m = mask.float()
+    per_patch, m = ((pred.float() - target) ** 2).mean(-1), mask.float()     # (B, N) each
     return (per_patch * m).sum() / m.sum().clamp(min=1.0)
 
 
@@ -306,8 +295,7 @@ class MaskedViews(torch.utils.data.Dataset):
 
 
 def pretraining_images(root):
-    """The image folder to pretrain on: in a FreiHAND-layout folder (e.g. `python synthetic.py`),
-    training/rgb only, so that the held-out evaluation images are never seen."""
+    """The image folder to pretrain on: of a FreiHAND-layout folder, training/rgb only (evaluation/ stays unseen)."""
     train_rgb = os.path.join(root, 'training', 'rgb')
     if os.path.isdir(train_rgb) and os.path.isdir(os.path.join(root, 'evaluation')):
         print0(f"{root} has the FreiHAND layout: pretraining on training/rgb only (evaluation/ stays unseen)")
@@ -317,9 +305,8 @@ def pretraining_images(root):
 
 # -------- Model: student (ViT + heads) and EMA teacher (ViT + projection head)
 class Student(nn.Module):
-    """ViT + iBOT projection head (shared by [CLS] and patches, iBOT's README recipe) + pixel head + PKA
-    head, in one forward so that DDP sees a single call. The projection head runs on the patches only
-    when `patch_logits` (it is the one costly head)."""
+    """ViT + iBOT projection head (shared by [CLS] and patches, as iBOT) + pixel head + PKA head, in one forward
+    for DDP. The projection head runs on the patches only when `patch_logits` (it is the one costly head)."""
 
     def __init__(self, backbone, out_dim, head_hidden):
         super().__init__()
@@ -351,10 +338,8 @@ def build_models(cfg):
 
 
 def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
-    """One HandMIM forward -> (weighted total, {name: loss}, {name: diagnostic}, teacher logits).
-
-    batch: dict(views=[(B, 3, S, S) per view], affines=[(B, 2, 3) per view], masks=[2 x (B, N)]), globals first.
-    """
+    """One HandMIM forward -> (weighted total, {name: loss}, {name: diagnostic}, teacher logits). batch:
+    dict(views=[(B, 3, S, S) per view], affines=[(B, 2, 3) per view], masks=[2 x (B, N)]), globals first."""
     n_local = len(batch['views']) - 2
     g_views = torch.cat(batch['views'][:2])                                    # (2B, 3, S, S)
     masks = torch.cat(batch['masks'])                                          # (2B, N)
@@ -427,7 +412,7 @@ def train(cfg):
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data} has {len(dataset)} usable images, fewer than one global batch "
                          f"({world} x {cfg.batch_size}); lower --batch_size or add images")
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps, lr_peak = cfg.epochs * steps_per_epoch, cfg.blr * global_batch / 256
 
     # ---- student, EMA teacher, centres, optimizer (iBOT: AdamW, lr = blr * global batch / 256)
     student, teacher, centres = (m.to(device) for m in build_models(cfg))
@@ -451,7 +436,6 @@ def train(cfg):
     if is_main:   # only now that data and weights are known to be good: a failed start writes nothing
         prepare_output_dir(cfg.output_dir, dataclasses.asdict(cfg), progress.step)
         print0(json.dumps(dataclasses.asdict(cfg)))
-    lr_peak = cfg.blr * global_batch / 256
     m0 = cfg.momentum_teacher if cfg.momentum_teacher is not None else teacher_momentum(total_steps)
     print0(f'{total_steps} steps: teacher EMA momentum {m0:.4f} -> 1, peak lr {lr_peak:.2e}')
     last_layer = [p for n, p in student.named_parameters() if 'last_layer' in n]
@@ -477,9 +461,8 @@ def train(cfg):
             loss, parts, stats, t_logits = handmim_losses(model, teacher_fwd, centres, batch, cfg, t_temp, grid)
 
         def freeze_last_layer():   # DINO: a frozen last layer in the first epoch(s) avoids collapse
-            if progress.epoch < cfg.freeze_last_layer:
-                for p in last_layer:
-                    p.grad = None
+            for p in last_layer if progress.epoch < cfg.freeze_last_layer else []:
+                p.grad = None
         if backward_step(loss, step, optimizer, scaler, guard, lambda: clip_gradients(student.parameters(),
                          cfg.clip_grad) if cfg.clip_grad else None, freeze_last_layer):
             ema_update(teacher, student, momentum)

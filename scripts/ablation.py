@@ -369,7 +369,7 @@ def finetune_run(cfg, variant, seed, pre, paths):
 
 
 def announce(result):
-    print(f"{result['run']:16s} " + ' | '.join(f"{t.split(' (')[0]} {result['metrics'][k]:.{d}f}"
+    print(f"{result['run']:16s} " + ' | '.join(f"{t.split(' ')[0]} {result['metrics'][k]:.{d}f}"
                                                for k, t, d in METRICS), flush=True)
 
 

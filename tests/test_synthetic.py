@@ -351,7 +351,7 @@ def digest(m):
 def test_lazy_fast_and_same_in_a_fresh_process(hand):
     """Nothing is built at import; the build is fast; another process (another hash seed)
     builds bit-identical arrays."""
-    code = (f'import time, synthetic as s, test_synthetic as t; '
+    code = ('import time, synthetic as s, test_synthetic as t; '
             'assert s._build.cache_info().currsize == 0; '
             't0 = time.time(); m = s.synthetic_mano(); print(time.time() - t0, t.digest(m))')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
