@@ -10,10 +10,11 @@ Sections (pick some with --only):
   metrics    seconds of evaluate.score on 3960 samples x 778 vertices (FreiHAND's evaluation size)
   synth      images/s of synthetic rendering at 224 px (synthetic.synth)
   data       images/s of the pretraining augmentation (two 224 px views) through a DataLoader
-Presets: tiny (ViT-Ti, 6 blocks, 128 px: the CPU quick start), small (ViT-S/16, 224 px), base (ViT-B/16,
-224 px: the paper's). Model rows give GFLOP/img (forward FLOPs from model.model_summary; a training step
-counts as 3 forwards) and the TFLOP/s achieved; on CUDA also the peak memory and MFU = achieved / peak
-FLOP/s, the peak being the dense bf16 one whatever --amp (H100 SXM and H200 989, A100 312; --peak_tflops).
+Presets: tiny (both trainers' tiny preset: ViT-Ti, 6 blocks, 64 px, 8-px patches, 64/32/16-channel head with
+heat maps: the CPU quick start), small (ViT-S/16, 224 px), base (ViT-B/16, 224 px: the paper's). Model rows give
+GFLOP/img (forward FLOPs from model.model_summary; a training step counts as 3 forwards) and the TFLOP/s
+achieved; on CUDA also the peak memory and MFU = achieved / peak FLOP/s, the peak being the dense bf16 one
+whatever --amp (H100 SXM and H200 989, A100 312; --peak_tflops).
 Each number is the median of --repeats timed repeats after --warmup untimed ones, in wall-clock time;
 the JSON (--out) holds them with their units in the key names, and the machine they ran on.
 
@@ -55,9 +56,12 @@ MODEL_SECTIONS = ('pretrain', 'finetune', 'inference')  # run once per preset
 CPU = torch.device('cpu')  # metrics, synth and data run on the CPU whatever --device
 # name -> pretrain.py preset (fills the projection head), backbone and default batch; both stages use the backbone
 PRESETS = {
-    'tiny': dict(preset='tiny', arch='vit_tiny', depth=6, img_size=128, batch=32),
-    'small': dict(preset='base', arch='vit_small', depth=12, img_size=224, batch=32),  # iBOT ViT-S/16 head
-    'base': dict(preset='base', arch='vit_base', depth=12, img_size=224, batch=64),
+    'tiny': dict(preset='tiny', arch='vit_tiny', depth=6, img_size=64, patch_size=8, head_width=64, w_hand=5.0,
+                 batch=32),
+    'small': dict(preset='base', arch='vit_small', depth=12, img_size=224, patch_size=16, head_width=256, w_hand=0.0,
+                  batch=32),  # iBOT ViT-S/16 head
+    'base': dict(preset='base', arch='vit_base', depth=12, img_size=224, patch_size=16, head_width=256, w_hand=0.0,
+                 batch=64),
 }
 # Dense bf16/fp16 tensor-core peak in TFLOP/s by device name, first match wins (spec sheets).
 PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100', 989.0), ('H200', 989.0), ('A100', 312.0)]
@@ -140,7 +144,8 @@ def preset_spec(cfg, name):
 def bench_pretrain(cfg, spec, device):
     head = dict(out_dim=256, head_hidden=256) if cfg.quick else {}
     pcfg, _ = P.resolve_preset(P.PretrainConfig(preset=spec['preset'], arch=spec['arch'], depth=spec['depth'],
-                                                img_size=spec['img_size'], batch_size=spec['batch'], **head),
+                                                img_size=spec['img_size'], patch_size=spec['patch_size'],
+                                                batch_size=spec['batch'], **head),
                                has_gpu=device.type == 'cuda')
     step, student = make_step(pcfg, device, cfg.amp)
     # per image: 2 global views, each a teacher forward and a student forward + backward (3 forwards)
@@ -157,7 +162,8 @@ def regressor(cfg, spec, device):
     with torch.no_grad():
         hand = layer(pose, betas)  # on the CPU, before the model (and the layer in it) moves to `device`
     model = build_regressor(dict(arch=spec['arch'], depth=spec['depth'], img_size=spec['img_size'],
-                                patch_size=16, n_iter=3, drop_path=0.1), layer).to(device)
+                                patch_size=spec['patch_size'], head_width=spec['head_width'], n_iter=3,
+                                drop_path=0.1, w_heatmap=1.0), layer).to(device)
     ahead = torch.tensor([0.0, 0.0, 0.5])  # labels are in the camera frame: put the hand half a metre ahead
     K = torch.tensor([[S, 0, S / 2], [0, S, S / 2], [0, 0, 1.0]]).repeat(B, 1, 1)
     batch = dict(image=torch.randn(B, 3, S, S), K=K, joints3d=hand.joints + ahead, verts=hand.vertices + ahead,
@@ -172,7 +178,7 @@ def bench_finetune(cfg, spec, device):
     model.vit.mask_token.requires_grad_(False)  # as finetune.train: only masked pretraining uses it
     optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4)
     scaler = engine.make_scaler(cfg.amp, device)
-    weights = dict(j3d=1.0, v3d=1.0, hand=0.0, j2d=0.1, rot=1.0, beta=0.05)
+    weights = dict(j3d=1.0, v3d=1.0, hand=spec['w_hand'], j2d=0.1, rot=1.0, beta=0.05, heatmap=1.0)
 
     def step():  # finetune.train's step without the schedules and logging
         with engine.autocast(device, cfg.amp):

@@ -152,3 +152,20 @@ def test_smoke_run_end_to_end_then_resumes_from_its_result_files(tmp_path):  # ~
     assert ran == ['finetune_full_seed0.log', 'pretrain_full.log', 'score_full_seed0.log']
     assert (tmp_path / 'results' / 'scratch_seed0.json').read_text() == kept
     assert (tmp_path / 'results' / 'full_seed0.json').exists()
+
+
+def test_committed_table_is_generated_from_committed_results():
+    """assets/ablation.md and the README's table are what `aggregate` + `markdown` make of assets/ablation/*.json."""
+    results = ablation.load_results(os.path.join(ROOT, 'assets', 'ablation'))
+    if not results:
+        pytest.skip('no committed ablation results')
+    rows = ablation.aggregate(results)
+    with open(os.path.join(ROOT, 'assets', 'ablation.md'), encoding='utf-8') as f:
+        report = f.read()
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    meta = ablation.read_json(os.path.join(ROOT, 'assets', 'ablation.json'))['meta']
+    table = [line for line in ablation.markdown(rows, meta).splitlines() if line.startswith('|')]
+    assert len(table) == len(rows) + 2
+    for line in table:
+        assert line in report.splitlines() and line in readme.splitlines(), line
