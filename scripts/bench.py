@@ -6,7 +6,8 @@ Sections (pick some with --only):
   finetune   images/s of one fine-tuning step (ViT + PyMAF regressor + MANO forward, mesh_losses,
              backward, AdamW; finetune.py) on a random labelled batch, per preset
   inference  images/s of the fine-tuned network in eval mode under torch.no_grad, per preset
-  mano       poses/s of the MANO layer forward (mano.MANO, batch 1024)
+  mano       poses/s of the MANO layer forward (mano.MANO, batch 1024); beside smplx's MANO, timed in turns,
+             where smplx is installed (optional: never a dependency; scripts/bench_mano.py for more sizes)
   metrics    seconds of evaluate.score on 3960 samples x 778 vertices (FreiHAND's evaluation size)
   synth      images/s of synthetic rendering at 224 px (synthetic.synth)
   data       images/s of the pretraining augmentation (two 224 px views) through a DataLoader
@@ -35,6 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +49,7 @@ import finetune as FT  # noqa: E402
 import mano as mano_lib  # noqa: E402
 import pretrain as P  # noqa: E402
 from bench_eval import make_data  # noqa: E402
-from bench_mano import random_official_sizes  # noqa: E402
+from bench_mano import random_official_sizes, smplx_forward, time_in_turns  # noqa: E402
 from bench_pretrain import make_step  # noqa: E402
 from model import build_regressor, model_summary  # noqa: E402
 
@@ -211,11 +213,21 @@ def bench_inference(cfg, spec, device):
 # -------- MANO, metrics, data
 def bench_mano(cfg, device, tmp=None):
     B = 256 if cfg.quick else 1024
-    layer = mano_lib.MANO(random_official_sizes() if cfg.mano == 'random' else synthetic.mano_model(cfg.mano)).to(device)
+    model = random_official_sizes() if cfg.mano == 'random' else synthetic.mano_model(cfg.mano)
+    layer = mano_lib.MANO(model).to(device)
     pose, betas = torch.randn(B, 48, device=device) * 0.5, torch.randn(B, 10, device=device)
     with torch.no_grad():
         seconds, _ = median_seconds(lambda: layer(pose, betas), cfg.repeats, cfg.warmup, device)
-    return dict(batch=B, vertices=layer.num_verts, poses_per_s=B / seconds, ms_per_batch=1000 * seconds)
+        row = dict(batch=B, vertices=layer.num_verts, poses_per_s=B / seconds, ms_per_batch=1000 * seconds)
+        theirs = smplx_forward(model) if device.type == 'cpu' else None
+        if theirs is not None:  # in turns, so that load drifting over the run hits both alike
+            cpu_pose, cpu_betas = pose.cpu(), betas.cpu()
+            poses, times = time_in_turns({'ours': lambda: layer(cpu_pose, cpu_betas),
+                                          'smplx': lambda: theirs(cpu_pose, cpu_betas)}, B, max(cfg.repeats, 3))
+            row.update(turns_poses_per_s=poses / float(np.median(times['ours'])),
+                       smplx_poses_per_s=poses / float(np.median(times['smplx'])),
+                       smplx_ratio=float(np.median(times['smplx'] / times['ours'])))
+    return row
 
 
 def bench_metrics(cfg, device, tmp=None):
@@ -284,7 +296,10 @@ def table(results):
     if 'mano' in results:
         r = results['mano']
         rows.append(('mano', f"batch {r['batch']}, {r['vertices']} vertices", f"{r['poses_per_s']:,.0f} poses/s",
-                     f"{r['ms_per_batch']:.1f} ms/batch"))
+                     f"{r['ms_per_batch']:.1f} ms/batch" + (
+                         f"; in turns with smplx: {r['turns_poses_per_s']:,.0f} vs {r['smplx_poses_per_s']:,.0f} "
+                         f"poses/s, ratio {r['smplx_ratio']:.2f}" if 'smplx_ratio' in r
+                         else '; smplx not installed (optional)')))
     if 'metrics' in results:
         r = results['metrics']
         rows.append(('metrics', f"{r['samples']} x {r['vertices']} vertices", f"{r['seconds']:.2f} s",
