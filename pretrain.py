@@ -49,7 +49,7 @@ from plot import draw_curves
 def block_mask(h, w, ratio, rng, min_aspect=0.3):
     """iBOT/BEiT block-wise mask over an h x w patch grid -> bool (h, w), True = masked. Rectangles of random
     area (>= (min(h, w) // 3)^2 patches) and aspect ratio in [min_aspect, 1/min_aspect] are added until
-    ratio*h*w patches are masked, each only if it adds 1 to the remaining number (`rng`: random.Random)."""
+    ratio*h*w are masked, each kept only if it adds 1..remaining new patches (`rng`: random.Random)."""
     mask, count = torch.zeros(h, w, dtype=torch.bool), 0
     target, min_area = ratio * h * w, (min(h, w) // 3) ** 2
     log_ar = (math.log(min_aspect), math.log(1 / min_aspect))
