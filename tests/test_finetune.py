@@ -379,3 +379,40 @@ def test_heatmap_loss_is_zero_at_the_target_and_ignores_joints_outside(mano):
     total, terms = mesh_losses(outputs, batch, dict(WEIGHTS, heatmap=1.0))
     without, _ = mesh_losses(outputs, batch, WEIGHTS)
     assert terms['heatmap'] > 1 and torch.isclose(total - without, torch.tensor(terms['heatmap']), rtol=1e-4)
+
+
+def _what_it_reads():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import what_it_reads
+    return what_it_reads
+
+
+def test_what_it_reads_measures_against_independent_computations():
+    """scripts/what_it_reads.py: PCA coordinates recover the coefficients that made a pose (orthonormal axes or
+    not), the heat-map argmax inverts heatmap_loss's target placement, correlations are numpy's."""
+    w = _what_it_reads()
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(45, generator=g, dtype=torch.float64)
+    axes = torch.linalg.qr(torch.randn(45, 6, generator=g, dtype=torch.float64)).Q.T          # (6, 45) orthonormal
+    coeffs = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    for components in (axes, axes * torch.linspace(0.5, 2, 6, dtype=torch.float64)[:, None]):
+        fingers = mean + coeffs @ components
+        assert torch.allclose(w.pca_coefficients(fingers, mean, components), coeffs, atol=1e-9)
+    from finetune import heatmap_targets
+    joints2d = torch.rand(3, 21, 2, generator=g) * (S - 1)                                   # crop pixels
+    for side in (32, 64):
+        target = heatmap_targets((joints2d + 0.5) * side / S - 0.5, (side, side), sigma=side / 32)
+        peak = w.heatmap_argmax(target.log(), S)                                              # (3, 21, 2) px
+        assert (peak - joints2d).abs().max() <= 0.5 * S / side + 1e-4
+    a, b = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
+    b[:, 0] = 2 * a[:, 0] + 1                                                                # perfectly read
+    expected = [np.corrcoef(a[:, k], b[:, k])[0, 1] for k in range(3)]
+    assert np.allclose(w.correlation(a, b).numpy(), expected) and abs(expected[0] - 1) < 1e-12
+
+
+def test_what_it_reads_runs_on_a_finetune_output(synth_set, tmp_path):
+    w = _what_it_reads()
+    assert finetune.train(small_config(synth_set, tmp_path / 'ft', epochs=1, w_heatmap=1.0)) == 0
+    r = w.what_it_reads(w.ReadsConfig(run=str(tmp_path / 'ft'), n=3, axes=6))
+    assert len(r['axes']) == 6 and all(-1 <= a['corr'] <= 1 and a['true_std'] > 0 for a in r['axes'])
+    assert 0 < r['j2d_l1'] < 2 and 0 < r['heatmap_l1'] < 2 and 0 < r['mean_j2d_l1'] < 2
