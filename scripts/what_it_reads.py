@@ -8,6 +8,8 @@
 Together with `python scripts/synth_reference.py` (what reading the first axis alone would score) this tells
 whether the error is in the image features (joints not placed) or in the regressor.
 
+Needs MANO labels on the training set (synthetic.py's sets, FreiHAND, HO3Dv2's train split).
+
 Run:  python scripts/what_it_reads.py runs/quickstart/finetune               # finetune.py's output folder
 """
 import dataclasses
@@ -20,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune  # noqa: E402
-from engine import config_from_cli, option  # noqa: E402
+from engine import option, run_cli  # noqa: E402
 from evaluate import load_finetuned  # noqa: E402
 from mano import matrix_to_axis_angle  # noqa: E402
 
@@ -36,7 +38,7 @@ class ReadsConfig:
 
 def pca_coefficients(fingers, mean, components):
     """Coordinates (B, K) of finger poses (B, 45) on the PCA axes (K, 45) around `mean` (45,): least squares,
-    so that axes which are not orthonormal (a MANO file's are) are handled too."""
+    so the axes need not be orthonormal."""
     return torch.linalg.lstsq(components.T.double(), (fingers - mean).double().T).solution.T  # (B, K)
 
 
@@ -65,16 +67,17 @@ def what_it_reads(cfg):
     components, mean = mano.hands_components[:K], mano.hands_mean                # (K, 45), (45,)
     pred, true, j2d, hm, gt2d = [], [], [], [], []
     for b in torch.utils.data.DataLoader(val, batch_size=cfg.batch_size):
+        S = b['image'].shape[-1]
         out = model(b['image'])[-1]
         fingers = matrix_to_axis_angle(out['rotmat'][:, 1:]).flatten(1)         # (B, 45)
         pred.append(pca_coefficients(fingers, mean, components))
         true.append(pca_coefficients(b['pose'][:, 3:], mean, components))
-        uv = b['joints2d'] * (2.0 / b['image'].shape[-1]) - 1.0                  # (B, J, 2) in [-1, 1]
+        uv = b['joints2d'] * (2.0 / S) - 1.0                                    # (B, J, 2) in [-1, 1]
         gt2d.append(uv)
         j2d.append((out['joints2d'] - uv).abs().mean((1, 2)))
         if 'heatmaps' in out:
-            peak = heatmap_argmax(out['heatmaps'].float(), b['image'].shape[-1])     # (B, J, 2) px
-            hm.append((peak * (2.0 / b['image'].shape[-1]) - 1.0 - uv).abs().mean((1, 2)))
+            peak = heatmap_argmax(out['heatmaps'].float(), S)                     # (B, J, 2) px
+            hm.append((peak * (2.0 / S) - 1.0 - uv).abs().mean((1, 2)))
     pred, true, gt2d = torch.cat(pred), torch.cat(true), torch.cat(gt2d)
     mean2d = torch.stack([train.dataset[i]['joints2d'] for i in train.indices[:cfg.n]]).mean(0)
     mean2d = mean2d * (2.0 / ft['img_size']) - 1.0                              # (J, 2)
@@ -85,8 +88,7 @@ def what_it_reads(cfg):
                 mean_j2d_l1=float((gt2d - mean2d).abs().mean()))
 
 
-def main(argv=None):
-    cfg = config_from_cli(ReadsConfig, argv)
+def report(cfg):
     r = what_it_reads(cfg)
     print(json.dumps(dataclasses.asdict(cfg)))
     for a in r['axes']:
@@ -95,8 +97,7 @@ def main(argv=None):
     hm = 'none' if r['heatmap_l1'] is None else f"{r['heatmap_l1']:.3f}"
     print(f"2D joints L1 (crop units): regressor {r['j2d_l1']:.3f}  heat-map argmax {hm}  "
           f"mean 2D joints of the training labels {r['mean_j2d_l1']:.3f}")
-    return r
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_cli(ReadsConfig, report))

@@ -416,3 +416,4 @@ def test_what_it_reads_runs_on_a_finetune_output(synth_set, tmp_path):
     r = w.what_it_reads(w.ReadsConfig(run=str(tmp_path / 'ft'), n=3, axes=6))
     assert len(r['axes']) == 6 and all(-1 <= a['corr'] <= 1 and a['true_std'] > 0 for a in r['axes'])
     assert 0 < r['j2d_l1'] < 2 and 0 < r['heatmap_l1'] < 2 and 0 < r['mean_j2d_l1'] < 2
+    assert w.run_cli(w.ReadsConfig, w.report, [str(tmp_path / 'missing')]) == 2                # a clear error
