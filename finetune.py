@@ -49,7 +49,8 @@ ARCH_FIELDS = ('arch', 'depth', 'img_size', 'patch_size', 'n_iter', 'head_width'
 # The CPU preset fine-tunes pretrain.py's tiny backbone in minutes (README, Results: what each setting bought).
 # In so few steps the network learns the hand's orientation first; a heavy hand-frame term with lighter heat maps
 # turns it towards the finger pose (validation PA-MPVPE after its 7 epochs, two seeds: 8.56 and 8.72 mm with 50
-# and 0.3, 8.88 and 9.03 with 5 and 1). `base` is MAE's ViT-B fine-tuning recipe at HandMIM's scale, with PyMAF's weight-1 dense loss.
+# and 0.3, 8.88 and 9.03 with 5 and 1). `base` is MAE's ViT-B fine-tuning recipe at HandMIM's scale, with
+# PyMAF's weight 1 on the dense loss.
 PRESETS = {
     'tiny': dict(arch='vit_tiny', depth=6, img_size=64, patch_size=8, head_width=64, epochs=7, batch_size=32,
                  blr=5e-3, warmup_epochs=1, layer_decay=1.0, w_hand=50.0, w_heatmap=0.3),
