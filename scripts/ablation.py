@@ -66,7 +66,7 @@ PROFILES = {
     'cpu': dict(n_unlabeled=8000, n_labelled=1500, n_eval=400, img_size=64, patch_size=8, arch='vit_tiny', depth=6,
                 pretrain_epochs=2, finetune_epochs=14, batch_size=32, workers=2, max_steps=0, device='cpu',
                 amp='off', pretrain_args='--freeze_last_layer 0 --warmup_teacher_temp_epochs 1',
-                finetune_args='--warmup_epochs 2 --w_hand 50 --w_heatmap 0.3'),  # the quick start's finger weights
+                finetune_args='--warmup_epochs 2 --w_hand 50 --w_heatmap 0.3'),  # tiny's weights, as recorded
     'gpu': dict(n_unlabeled=20000, n_labelled=4000, n_eval=1000, img_size=224, patch_size=16, arch='vit_small',
                 depth=12, pretrain_epochs=30, finetune_epochs=30, batch_size=64, workers=8, device='cuda',
                 amp='bf16', pretrain_args='--warmup_epochs 3 --warmup_teacher_temp_epochs 9',
