@@ -18,10 +18,9 @@ Run (from the repository root):
     python scripts/ablation.py                # CPU sizes (PROFILES['cpu']), the README's table
     python scripts/ablation.py --gpu          # one GPU: cuda, bf16, 224 px ViT-S/16, larger sets (PROFILES['gpu'])
     python scripts/ablation.py --smoke --out runs/smoke --results runs/smoke/results --report runs/smoke/ablation
-Resumable anywhere: each finished run writes its own result file into --results (assets/ablation/ by default, meant
-to be committed as they come); the same command skips every run whose result file is there, pretrains a variant only
-while some of its fine-tuning runs remain, and resumes an interrupted stage from its checkpoint. The table
-(REPORT.md), every result and the plot (REPORT.json, REPORT.png) are rewritten from the result files after each run.
+Resumable anywhere: each finished run writes its own result file into --results (assets/ablation/ by default; commit
+them as they come); the same command skips the runs whose result is there, pretrains a variant only while some of its
+runs remain and resumes an interrupted stage from its checkpoint. REPORT.md, .json, .png are rewritten after each run.
 """
 import dataclasses
 import glob
@@ -33,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -83,7 +81,7 @@ def sized(help, key, **metadata):
     return engine.option(None, f'{help} [{values}]', **metadata)
 
 
-@dataclass
+@dataclasses.dataclass
 class AblationConfig:
     """HandMIM ablation at small scale: scratch vs HandMIM pretraining vs HandMIM without each of its losses."""
     out: str = engine.option('runs/ablation', 'working folder: data, pretraining and fine-tuning runs, logs')
@@ -333,13 +331,19 @@ def mean_hand_run(cfg, paths):
     return result
 
 
+def pretrained_by(run_dir, command):
+    """done.json of the pretraining in run_dir if this (portable) command made its backbone.pth, else None."""
+    done = read_json(os.path.join(run_dir, 'done.json'), {})
+    return done if done.get('command') == command and os.path.isfile(os.path.join(run_dir, 'backbone.pth')) else None
+
+
 def pretrain_run(cfg, variant, paths):
-    """Pretrain a variant once (seed 0) -> dict(backbone, steps, wall_s, command); re-run where its backbone is
-    not on this machine (on CPU a pretraining is deterministic: the same backbone again)."""
+    """Pretrain a variant once (seed 0) -> dict(backbone, steps, wall_s, command); re-run where this command's
+    backbone is not on this machine (on CPU a pretraining is deterministic: the same backbone again)."""
     run_dir = os.path.join(cfg.out, 'pretrain', variant)
     command = pretrain_command(cfg, variant, paths['pool'], run_dir)
-    backbone, done = os.path.join(run_dir, 'backbone.pth'), read_json(os.path.join(run_dir, 'done.json'))
-    if cfg.force or done is None or not os.path.isfile(backbone):
+    backbone, done = os.path.join(run_dir, 'backbone.pth'), pretrained_by(run_dir, portable(command, cfg.out))
+    if cfg.force or done is None:
         argv, resumed = start_or_resume(run_dir, command, cfg)
         wall = run_logged(argv, os.path.join(cfg.out, 'logs', f'pretrain_{variant}.log'), cfg.threads, resumed)
         done = dict(steps=int(engine.load_checkpoint(os.path.join(run_dir, 'checkpoint.pth'))['step']), wall_s=wall,
@@ -379,13 +383,10 @@ def announce(result):
 def aggregate(results):
     """Per-run results -> one row per variant (mean hand, scratch, full, ablations; unknown ones after): its
     seeds and, per metric, the values, their mean and sample std (ddof = 1; None for a single run)."""
-    groups = {}
-    for r in results:
-        groups.setdefault(r['variant'], []).append(r)
-    order = [v for v in LABELS if v in groups] + [v for v in groups if v not in LABELS]
+    found = dict.fromkeys(r['variant'] for r in results)
     rows = []
-    for variant in order:
-        runs = sorted(groups[variant], key=lambda r: -1 if r.get('seed') is None else r['seed'])
+    for variant in [v for v in LABELS if v in found] + [v for v in found if v not in LABELS]:
+        runs = sorted((r for r in results if r['variant'] == variant), key=lambda r: r.get('seed') or 0)
         row = dict(variant=variant, label=LABELS.get(variant, variant), seeds=[r.get('seed') for r in runs])
         for key, _, _ in METRICS:
             x = np.array([r['metrics'][key] for r in runs], dtype=np.float64)
@@ -396,9 +397,7 @@ def aggregate(results):
 
 
 def mean_std(stat, decimals):
-    if stat['std'] is None:
-        return f"{stat['mean']:.{decimals}f}"
-    return f"{stat['mean']:.{decimals}f} ± {stat['std']:.{decimals}f}"
+    return f"{stat['mean']:.{decimals}f}" + ('' if stat['std'] is None else f" ± {stat['std']:.{decimals}f}")
 
 
 def markdown(rows, meta):

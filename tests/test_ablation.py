@@ -94,6 +94,16 @@ def test_helpers():
         ablation.resolve(ablation.AblationConfig(variants='full,no_cls'))
 
 
+def test_a_pretraining_is_reused_only_for_its_own_command(tmp_path):
+    """A finished pretraining made with other flags (say --pretrain_epochs) in the same --out is not reused."""
+    command = ['pretrain.py', '--data', '$OUT/hands/training/rgb', '--epochs', '2']
+    ablation.write_json(dict(steps=500, wall_s=1.0, command=command), str(tmp_path / 'done.json'))
+    assert ablation.pretrained_by(str(tmp_path), command) is None  # no backbone.pth
+    (tmp_path / 'backbone.pth').write_bytes(b'')
+    assert ablation.pretrained_by(str(tmp_path), command)['steps'] == 500
+    assert ablation.pretrained_by(str(tmp_path), command[:-1] + ['10']) is None
+
+
 def _finetune_recipe(command):
     """A fine-tuning command without the flags that may differ between runs."""
     out, skip = [], False
