@@ -26,7 +26,6 @@ import sys
 import time
 import typing
 import zipfile
-from dataclasses import field
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from tqdm import tqdm
 # -------- 1. Config and CLI
 def option(default, help, **metadata):
     """A dataclass field with its --help text (config_from_cli); `positional=True`: an optional positional."""
-    return field(default=default, metadata=dict(help=help, **metadata))
+    return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
 
 
 def config_from_cli(cls, argv=None):
@@ -56,8 +55,9 @@ def config_from_cli(cls, argv=None):
             kw.update(nargs='+', type=type(default[0]) if default else str)
         else:   # `x: int = None` or `x: float | None = None` take the type from the annotation
             kw['type'] = type(default) if default is not None else _annotation_type(f.type)
-        positional = f.metadata.get('positional')
-        parser.add_argument(f.name if positional else '--' + f.name, **(dict(nargs='?') if positional else {}), **kw)
+        if f.metadata.get('positional'):  # an optional positional; a tuple one takes any number of values
+            kw['nargs'] = '*' if 'nargs' in kw else '?'
+        parser.add_argument(f.name if f.metadata.get('positional') else '--' + f.name, **kw)
     args = parser.parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
     return cls(**values)

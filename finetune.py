@@ -126,8 +126,6 @@ def mesh_losses(outputs, batch, weights):
     return total, {k: v.item() for k, v in terms.items()}
 
 
-
-
 def lr_decay_scale(name, num_layers, layer_decay):
     """MAE's param_groups_lrd: embeddings are layer 0, ViT block i layer i + 1, everything after the
     blocks (final norm, regressor) layer L + 1; a parameter of layer l trains at lr * decay^(L + 1 - l)."""
@@ -138,8 +136,6 @@ def lr_decay_scale(name, num_layers, layer_decay):
     else:
         layer = num_layers + 1
     return layer_decay ** (num_layers + 1 - layer)
-
-
 
 
 def load_pretrained(vit, path, key='teacher'):
@@ -167,8 +163,6 @@ def load_pretrained(vit, path, key='teacher'):
         raise ValueError(f'--pretrained {path}: no ViT weights under the standard names (cls_token, pos_embed, '
                          f'blocks.N.*); its keys start with {unexpected[:4]}')
     return loaded, missing, unexpected
-
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,8 +222,6 @@ class FinetuneConfig:
     resume: str = option('', 'checkpoint.pth to continue from')
 
 
-
-
 def make_datasets(cfg):
     """(train, val) parts of the TRAINING split; val is unaugmented. Whole groups are held out, so no
     validation hand is trained on in another form: FreiHAND's image versions of one annotation, HO3D's
@@ -250,8 +242,6 @@ def make_datasets(cfg):
     train_ids = [i for i, g in enumerate(groups) if g not in held_out]
     val_ids = [i for i, g in enumerate(groups) if g in held_out and i < one_version]
     return torch.utils.data.Subset(train, train_ids), torch.utils.data.Subset(val, val_ids)
-
-
 
 
 @torch.no_grad()
@@ -279,8 +269,6 @@ def validate(model, dataset, cfg, device, rank=0, world=1, mean_hand=False):
         dist.all_reduce(sums)
     n = sums[2].clamp(min=1)
     return dict(pa_mpjpe_mm=1000 * float(sums[0] / n), pa_mpvpe_mm=1000 * float(sums[1] / n))
-
-
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""Linear probe of frozen backbones: how much of the hand their features carry, without fine-tuning.
+
+Ridge regression from a frozen ViT's patch tokens (all N of them, concatenated, so that the probe can use where a
+feature sits) to two targets on a labelled set in the FreiHAND layout:
+  closure    the finger pose's coefficient on the MANO model's first PCA axis (the hand opening and closing;
+             synthetic.py draws its poses from the first PCA axes): held-out Pearson correlation
+  joints 2D  the 21 joints in crop coordinates: held-out R^2 (1 = placed exactly, 0 = the mean placement)
+The ridge is fitted on --n_fit training images from --start on, its strength chosen on the next --n_choose and
+the score read on the --n_test after those. Every backbone sees the same images, so the rows compare: a random ViT
+(`random`), a HandMIM backbone.pth (pretrain.py's teacher), the ViT of a fine-tuned best.pth. The standard
+self-supervised check (DINO and iBOT report linear probes), here aimed at what the mesh regressor needs.
+
+Run:  python scripts/probe.py runs/quickstart/hands random runs/quickstart/pretrain/backbone.pth
+"""
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402
+from data import FreiHAND, resolve_mano  # noqa: E402
+from engine import load_checkpoint, option, run_cli  # noqa: E402
+from what_it_reads import correlation, pca_coefficients  # noqa: E402
+
+
+@dataclass
+class ProbeConfig:
+    """Ridge probes of frozen ViT features: hand closure and 2D joints on held-out images."""
+    data: str = option('runs/quickstart/hands', 'a labelled set in the FreiHAND layout (its training split)',
+                       positional=True)
+    backbones: tuple = option(('random',), "'random', a backbone.pth or a finetune.py best.pth, one row each",
+                              positional=True)
+    start: int = option(0, 'first training image used (e.g. past the images a fine-tuned row was trained on)')
+    n_fit: int = option(2000, 'images the ridge is fitted on')
+    n_choose: int = option(500, 'images the ridge strength is chosen on (next after the fit images)')
+    n_test: int = option(1000, 'images the probe is scored on (after those)')
+    arch: str = option('vit_tiny', 'ViT of a random or backbone.pth row (the tiny preset)', choices=list(M.ARCHS))
+    depth: int = option(6, 'ViT blocks of those rows')
+    img_size: int = option(64, 'crop side of those rows (px)')
+    patch_size: int = option(8, 'ViT patch size of those rows')
+    seed: int = option(0, 'initialisation of the random row')
+    batch_size: int = option(100, 'images per forward pass')
+
+
+def load_vit(name, cfg):
+    """The frozen ViT of one row and its crop size."""
+    ckpt = None if name == 'random' else load_checkpoint(name)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) and 'model' in ckpt:  # finetune.py
+        c = ckpt['config']
+        vit = M.ARCHS[c['arch']](img_size=c['img_size'], patch_size=c['patch_size'], depth=c['depth'])
+        state = {k[len('vit.'):]: v for k, v in ckpt['model'].items() if k.startswith('vit.')}
+        vit.load_state_dict(state)
+        return vit.eval(), c['img_size']
+    torch.manual_seed(cfg.seed)
+    vit = M.ARCHS[cfg.arch](img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth)
+    if ckpt is not None:
+        _, missing, _ = vit.load_pretrained(ckpt)
+        if [k for k in missing if k != 'mask_token']:
+            raise ValueError(f'{name} does not fit {cfg.arch} depth {cfg.depth} patch {cfg.patch_size} at '
+                             f'{cfg.img_size} px (missing {missing[:4]}): give --arch/--depth/--patch_size')
+    return vit.eval(), cfg.img_size
+
+
+def labelled_images(data, size, start, n, mano, batch_size):
+    """Images (n, 3, S, S) of training samples start .. start + n - 1 and their targets: closure (n,) and 2D
+    joints (n, 2J) in crop units [-1, 1]."""
+    dataset = FreiHAND(data, 'training', size, versions=1, mano=mano)
+    if len(dataset) < start + n:
+        raise ValueError(f'{data} has {len(dataset)} training images, fewer than --start + --n_fit + --n_choose + '
+                         f'--n_test = {start + n}')
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, start + n)), batch_size)
+    images, pose, j2d = (torch.cat(x) for x in zip(*[(b['image'], b['pose'], b['joints2d']) for b in loader]))
+    closure = pca_coefficients(pose[:, 3:], mano.hands_mean, mano.hands_components[:1])[:, 0]   # (n,)
+    return images, closure, (j2d.double() * (2.0 / size) - 1.0).flatten(1)         # (n, 2J)
+
+
+@torch.no_grad()
+def features(vit, images, batch_size):
+    """Concatenated patch tokens (n, N*D) of images (n, 3, S, S)."""
+    return torch.cat([vit(x)[:, 1:].flatten(1) for x in images.split(batch_size)])   # (n, N*D)
+
+
+def ridge_predict(X, Y, X_new, lam):
+    """Ridge regression with intercept in its dual form (n samples << features): predictions for X_new."""
+    mx, my = X.mean(0), Y.mean(0)
+    X, X_new = X - mx, X_new - mx
+    alpha = torch.linalg.solve(X @ X.T + lam * torch.eye(len(X), dtype=X.dtype), Y - my)  # (n, T)
+    return X_new @ (X.T @ alpha) + my
+
+
+def r2(pred, true):
+    """Coefficient of determination over all columns together."""
+    return 1 - float(((pred - true) ** 2).sum() / ((true - true.mean(0)) ** 2).sum())
+
+
+def corr(a, b):
+    return float(correlation(a[:, None], b[:, None])[0])
+
+
+def probe(X, Y, n_fit, n_choose):
+    """Fit on the first n_fit rows, choose the strength on the next n_choose, predict the rest -> (pred, lam).
+    The strengths are relative to the mean squared feature norm, so one grid serves every backbone."""
+    X = X.double()
+    fit, choose, test = X[:n_fit], X[n_fit:n_fit + n_choose], X[n_fit + n_choose:]
+    scale = float(((fit - fit.mean(0)) ** 2).sum(1).mean())
+    grid = [scale * 10.0 ** e for e in range(-4, 6)]
+    best = max(grid, key=lambda lam: r2(ridge_predict(fit, Y[:n_fit], choose, lam), Y[n_fit:n_fit + n_choose]))
+    fit_choose = X[:n_fit + n_choose]
+    return ridge_predict(fit_choose, Y[:n_fit + n_choose], test, best), best / scale
+
+
+def probe_backbones(cfg):
+    """One row per backbone: {'backbone', 'closure_corr', 'joints2d_r2', 'lam_closure', 'lam_joints2d'}."""
+    n, mano, sets, rows = cfg.n_fit + cfg.n_choose + cfg.n_test, resolve_mano(None, cfg.data), {}, []
+    print(json.dumps(dataclasses.asdict(cfg)))
+    for name in cfg.backbones:
+        vit, size = load_vit(name, cfg)
+        if size not in sets:  # one read of the images per crop size
+            sets[size] = labelled_images(cfg.data, size, cfg.start, n, mano, cfg.batch_size)
+        images, closure, j2d = sets[size]
+        X, test = features(vit, images, cfg.batch_size), slice(cfg.n_fit + cfg.n_choose, n)
+        pred_c, lam_c = probe(X, closure[:, None], cfg.n_fit, cfg.n_choose)
+        pred_j, lam_j = probe(X, j2d, cfg.n_fit, cfg.n_choose)
+        rows.append(dict(backbone=name, closure_corr=corr(pred_c[:, 0], closure[test]),
+                         joints2d_r2=r2(pred_j, j2d[test]), lam_closure=lam_c, lam_joints2d=lam_j))
+        print(f"{name}: closure correlation {rows[-1]['closure_corr']:+.3f}  2D joints R^2 "
+              f"{rows[-1]['joints2d_r2']:+.3f}  (ridge {lam_c:g}, {lam_j:g} x mean squared feature norm)",
+              flush=True)
+    return rows
+
+if __name__ == '__main__':
+    sys.exit(run_cli(ProbeConfig, lambda cfg: probe_backbones(cfg) and 0))
