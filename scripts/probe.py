@@ -106,9 +106,13 @@ def probe(X, Y, n_fit, n_choose):
     The strengths are relative to the mean squared feature norm, so one grid serves every backbone."""
     X = X.double()
     fit, choose, test = X[:n_fit], X[n_fit:n_fit + n_choose], X[n_fit + n_choose:]
-    scale = float(((fit - fit.mean(0)) ** 2).sum(1).mean())
-    grid = [scale * 10.0 ** e for e in range(-4, 6)]
-    best = max(grid, key=lambda lam: r2(ridge_predict(fit, Y[:n_fit], choose, lam), Y[n_fit:n_fit + n_choose]))
+    Xc, Yc = fit - fit.mean(0), Y[:n_fit] - Y[:n_fit].mean(0)
+    scale = float((Xc ** 2).sum(1).mean())
+    e, U = torch.linalg.eigh(Xc @ Xc.T)               # one Gram matrix for the whole grid: (n_fit, n_fit)
+    K_choose, UtY = (choose - fit.mean(0)) @ Xc.T, U.T @ Yc                       # (n_choose, n_fit), (n_fit, T)
+    predict = lambda lam: K_choose @ (U @ (UtY / (e.clamp(min=0) + lam)[:, None])) + Y[:n_fit].mean(0)  # noqa: E731
+    grid = [scale * 10.0 ** k for k in range(-4, 6)]
+    best = max(grid, key=lambda lam: r2(predict(lam), Y[n_fit:n_fit + n_choose]))
     fit_choose = X[:n_fit + n_choose]
     return ridge_predict(fit_choose, Y[:n_fit + n_choose], test, best), best / scale
 
