@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 from data import FreiHAND, resolve_mano  # noqa: E402
 from engine import load_checkpoint, option, run_cli  # noqa: E402
+from evaluate import load_finetuned  # noqa: E402
 from what_it_reads import correlation, pca_coefficients  # noqa: E402
 
 
-@dataclass
+@dataclasses.dataclass
 class ProbeConfig:
     """Ridge probes of frozen ViT features: hand closure and 2D joints on held-out images."""
     data: str = option('runs/quickstart/hands', 'a labelled set in the FreiHAND layout (its training split)',
@@ -49,12 +49,9 @@ class ProbeConfig:
 def load_vit(name, cfg):
     """The frozen ViT of one row and its crop size."""
     ckpt = None if name == 'random' else load_checkpoint(name)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) and 'model' in ckpt:  # finetune.py
-        c = ckpt['config']
-        vit = M.ARCHS[c['arch']](img_size=c['img_size'], patch_size=c['patch_size'], depth=c['depth'])
-        state = {k[len('vit.'):]: v for k, v in ckpt['model'].items() if k.startswith('vit.')}
-        vit.load_state_dict(state)
-        return vit.eval(), c['img_size']
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict):  # a finetune.py checkpoint
+        model, ft = load_finetuned(name)
+        return model.vit, ft['img_size']
     torch.manual_seed(cfg.seed)
     vit = M.ARCHS[cfg.arch](img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth)
     if ckpt is not None:
@@ -84,12 +81,15 @@ def features(vit, images, batch_size):
     return torch.cat([vit(x)[:, 1:].flatten(1) for x in images.split(batch_size)])   # (n, N*D)
 
 
-def ridge_predict(X, Y, X_new, lam):
-    """Ridge regression with intercept in its dual form (n samples << features): predictions for X_new."""
-    mx, my = X.mean(0), Y.mean(0)
-    X, X_new = X - mx, X_new - mx
-    alpha = torch.linalg.solve(X @ X.T + lam * torch.eye(len(X), dtype=X.dtype), Y - my)  # (n, T)
-    return X_new @ (X.T @ alpha) + my
+def ridge(X, X_new):
+    """Ridge regression with intercept on the rows of X, in its dual form (n samples << features) -> predict(Y,
+    lam): predictions for X_new of the ridge fitted to (X, Y). One eigendecomposition of the Gram matrix serves
+    every target and strength."""
+    mx = X.mean(0)
+    Xc = X - mx
+    e, U = torch.linalg.eigh(Xc @ Xc.T)                                           # (n,), (n, n)
+    KU = (X_new - mx) @ Xc.T @ U                                                  # (m, n)
+    return lambda Y, lam: KU @ (U.T @ (Y - Y.mean(0)) / (e.clamp(min=0) + lam)[:, None]) + Y.mean(0)
 
 
 def r2(pred, true):
@@ -101,20 +101,17 @@ def corr(a, b):
     return float(correlation(a[:, None], b[:, None])[0])
 
 
-def probe(X, Y, n_fit, n_choose):
-    """Fit on the first n_fit rows, choose the strength on the next n_choose, predict the rest -> (pred, lam).
-    The strengths are relative to the mean squared feature norm, so one grid serves every backbone."""
-    X = X.double()
-    fit, choose, test = X[:n_fit], X[n_fit:n_fit + n_choose], X[n_fit + n_choose:]
-    Xc, Yc = fit - fit.mean(0), Y[:n_fit] - Y[:n_fit].mean(0)
-    scale = float((Xc ** 2).sum(1).mean())
-    e, U = torch.linalg.eigh(Xc @ Xc.T)               # one Gram matrix for the whole grid: (n_fit, n_fit)
-    K_choose, UtY = (choose - fit.mean(0)) @ Xc.T, U.T @ Yc                       # (n_choose, n_fit), (n_fit, T)
-    predict = lambda lam: K_choose @ (U @ (UtY / (e.clamp(min=0) + lam)[:, None])) + Y[:n_fit].mean(0)  # noqa: E731
-    grid = [scale * 10.0 ** k for k in range(-4, 6)]
-    best = max(grid, key=lambda lam: r2(predict(lam), Y[n_fit:n_fit + n_choose]))
-    fit_choose = X[:n_fit + n_choose]
-    return ridge_predict(fit_choose, Y[:n_fit + n_choose], test, best), best / scale
+def probe(X, targets, n_fit, n_choose):
+    """Per target (n, T): fit on the first n_fit rows, choose the strength on the next n_choose, refit on both and
+    predict the rest -> [(pred, lam)]. Strengths are relative to the mean squared feature norm, so one grid
+    serves every backbone."""
+    X, a, b = X.double(), n_fit, n_fit + n_choose
+    scale = float(((X[:a] - X[:a].mean(0)) ** 2).sum(1).mean())
+    on_choose, on_test, out = ridge(X[:a], X[a:b]), ridge(X[:b], X[b:]), []
+    for Y in targets:
+        best = max((scale * 10.0 ** k for k in range(-4, 6)), key=lambda lam: r2(on_choose(Y[:a], lam), Y[a:b]))
+        out.append((on_test(Y[:b], best), best / scale))
+    return out
 
 
 def probe_backbones(cfg):
@@ -127,14 +124,14 @@ def probe_backbones(cfg):
             sets[size] = labelled_images(cfg.data, size, cfg.start, n, mano, cfg.batch_size)
         images, closure, j2d = sets[size]
         X, test = features(vit, images, cfg.batch_size), slice(cfg.n_fit + cfg.n_choose, n)
-        pred_c, lam_c = probe(X, closure[:, None], cfg.n_fit, cfg.n_choose)
-        pred_j, lam_j = probe(X, j2d, cfg.n_fit, cfg.n_choose)
+        (pred_c, lam_c), (pred_j, lam_j) = probe(X, [closure[:, None], j2d], cfg.n_fit, cfg.n_choose)
         rows.append(dict(backbone=name, closure_corr=corr(pred_c[:, 0], closure[test]),
                          joints2d_r2=r2(pred_j, j2d[test]), lam_closure=lam_c, lam_joints2d=lam_j))
         print(f"{name}: closure correlation {rows[-1]['closure_corr']:+.3f}  2D joints R^2 "
               f"{rows[-1]['joints2d_r2']:+.3f}  (ridge {lam_c:g}, {lam_j:g} x mean squared feature norm)",
               flush=True)
     return rows
+
 
 if __name__ == '__main__':
     sys.exit(run_cli(ProbeConfig, lambda cfg: probe_backbones(cfg) and 0))

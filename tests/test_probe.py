@@ -2,6 +2,7 @@
 carry the target, and a run over a tiny synthetic set with each kind of backbone row."""
 import os
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -11,8 +12,10 @@ from conftest import make_synthetic_set
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import probe  # noqa: E402
-import model as M  # noqa: E402
-from engine import config_from_cli, run_cli  # noqa: E402
+from data import resolve_mano  # noqa: E402
+from finetune import PRESETS, FinetuneConfig  # noqa: E402
+from model import build_regressor  # noqa: E402
+from engine import apply_preset, config_from_cli, run_cli  # noqa: E402
 
 
 def test_ridge_matches_the_primal_solution_with_intercept():
@@ -23,7 +26,7 @@ def test_ridge_matches_the_primal_solution_with_intercept():
         Xc, Yc = X - X.mean(0), Y - Y.mean(0)
         W = np.linalg.solve(Xc.T @ Xc + lam * np.eye(f), Xc.T @ Yc)               # (f, 2)
         expected = (X_new - X.mean(0)) @ W + Y.mean(0)
-        got = probe.ridge_predict(*(torch.from_numpy(a) for a in (X, Y, X_new)), lam)
+        got = probe.ridge(torch.from_numpy(X), torch.from_numpy(X_new))(torch.from_numpy(Y), lam)
         assert np.allclose(got.numpy(), expected, atol=1e-9)
 
 
@@ -33,9 +36,9 @@ def test_probe_reads_a_target_that_is_in_the_features_and_not_one_that_is_not():
     noise = torch.randn(600, 300, generator=g, dtype=torch.float64)
     carried = noise.clone()
     carried[:, :5] += 3 * target * torch.randn(1, 5, generator=g, dtype=torch.float64)   # over 5 features
-    pred, _ = probe.probe(carried, target, 300, 100)
+    (pred, _), = probe.probe(carried, [target], 300, 100)
     assert probe.corr(pred[:, 0], target[400:, 0]) > 0.9
-    pred, _ = probe.probe(noise, target, 300, 100)
+    (pred, _), = probe.probe(noise, [target], 300, 100)
     assert probe.r2(pred, target[400:]) < 0.05        # the chosen ridge keeps the noise from being fitted
     a = torch.randn(50, generator=g, dtype=torch.float64)
     assert abs(probe.corr(a, 3 * a - 1) - 1) < 1e-12 and abs(probe.r2(a[:, None], a[:, None]) - 1) < 1e-12
@@ -43,12 +46,13 @@ def test_probe_reads_a_target_that_is_in_the_features_and_not_one_that_is_not():
 
 def test_probe_runs_on_every_kind_of_row(tmp_path):
     data = make_synthetic_set(tmp_path, 24, n_eval=1, img_size=32)
-    kw = dict(img_size=32, patch_size=8, depth=1)
     torch.manual_seed(1)
-    vit = M.vit_tiny(**kw)
-    torch.save(vit.state_dict(), tmp_path / 'backbone.pth')
-    config = dict(arch='vit_tiny', **kw)
-    torch.save(dict(config=config, model={'vit.' + k: v for k, v in vit.state_dict().items()}), tmp_path / 'best.pth')
+    config, _ = apply_preset(FinetuneConfig(data=data, preset='tiny', img_size=32, patch_size=8, depth=1,
+                                            mano='synthetic'), PRESETS, has_gpu=False)
+    config = asdict(config)
+    model = build_regressor(config, resolve_mano('synthetic'))
+    torch.save(model.vit.state_dict(), tmp_path / 'backbone.pth')
+    torch.save(dict(config=config, model=model.state_dict()), tmp_path / 'best.pth')     # as finetune.py writes it
     argv = [data, 'random', str(tmp_path / 'backbone.pth'), str(tmp_path / 'best.pth'), '--n_fit', '12',
             '--n_choose', '4', '--n_test', '6', '--start', '2', '--depth', '1', '--img_size', '32']
     cfg = config_from_cli(probe.ProbeConfig, argv)
