@@ -79,6 +79,15 @@ def test_plot_draws_bars_and_mean_hand_line(tmp_path):
     assert (200, 30, 30) in colours  # the mean hand's dashed line
 
 
+def test_plot_of_one_variant_is_wide_enough_for_its_title(tmp_path):
+    from plot import _font
+    rows = [r for r in ablation.aggregate(hand_made_results()) if r['variant'] in ('mean_hand', 'full')]
+    path = ablation.plot_rows(rows, str(tmp_path / 'one.png'))
+    title = 'PA-MPVPE on the held-out evaluation split (lower is better)'
+    with Image.open(path) as img:
+        assert _font(13).getlength(title) + 8 <= img.size[0]   # was clipped at 310 px for one variant
+
+
 def test_helpers():
     entries = [[[0.5, -1.25e-3]], {'a': [1, 2]}, 'x', 3]
     for text in (json.dumps(entries, separators=(',', ':')), json.dumps(entries, indent=1)):
