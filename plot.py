@@ -63,7 +63,7 @@ def _ticks(lo, hi, n=5):
 
 
 class Chart:
-    """One panel of `size` px: call line/bars/hline/text in data coordinates, then `image()`. The y axis
+    """One panel of `size` px (wider where its title needs it): call line/bars/hline/text in data coordinates, then `image()`. The y axis
     is linear, or logarithmic with `log_y`; ranges are fitted to what was drawn unless given."""
 
     def __init__(self, title, xlabel, ylabel, size=(480, 320), log_y=False, xlim=None, ylim=None):
@@ -98,9 +98,13 @@ class Chart:
         return x0, x1, (0 if y0 >= 0 and any(i[0] == 'bars' for i in self.items) else y0 - pad), y1 + pad
 
     def image(self):
+        font, small = _font(13), _font(11)
         W, H = self.size
+        title_w = font.getlength(self.title)
+        if title_w + 16 > W:   # widen a panel too narrow for its title, centred clear of the y label
+            W = math.ceil(title_w + 2 * (small.getlength(self.ylabel) + 12))
         img = Image.new('RGB', (W, H), 'white')
-        d, font, small = ImageDraw.Draw(img), _font(13), _font(11)
+        d = ImageDraw.Draw(img)
         left, right, top, bottom = 64, W - 12, 28, H - 56
         x0, x1, y0, y1 = self._range()
         ty = (lambda v: math.log10(v)) if self.log_y else (lambda v: v)
@@ -150,7 +154,7 @@ class Chart:
 def save_panels(charts, path, columns=2):
     """Draw `charts` on a grid of `columns` into one PNG (atomically) -> path."""
     imgs = [c.image() for c in charts]
-    W, H = imgs[0].size
+    W, H = max(im.width for im in imgs), max(im.height for im in imgs)   # cells fit the widest panel
     rows = math.ceil(len(imgs) / columns)
     sheet = Image.new('RGB', (W * min(columns, len(imgs)), H * rows), 'white')
     for k, im in enumerate(imgs):

@@ -429,7 +429,7 @@ def plot_rows(rows, path):
     """Bars of mean PA-MPVPE per variant with +- std whiskers, the mean hand as a dashed line (plot.py)."""
     bars = [r for r in rows if r['variant'] != 'mean_hand']
     chart = Chart('PA-MPVPE on the held-out evaluation split (lower is better)', 'variant', 'PA-MPVPE (mm)',
-                  size=(max(480, 200 + 110 * len(bars)), 360))   # at least the title's width
+                  size=(200 + 110 * len(bars), 360))
     colours = [dict(scratch=(150, 150, 150), full=(40, 100, 200)).get(r['variant'], (130, 170, 225)) for r in bars]
     chart.bars([r['pa_mpvpe_mm']['mean'] for r in bars], [r['variant'] for r in bars], colours,
                err=[r['pa_mpvpe_mm']['std'] or 0 for r in bars])

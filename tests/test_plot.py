@@ -62,6 +62,16 @@ def test_error_chart_and_bars(tmp_path):
     assert _not_blank(img, (70, 352, 620, 580)) > 0.005        # the curves
 
 
+def test_a_title_wider_than_its_panel_widens_the_panel_and_its_sheet(tmp_path):
+    title = 'a title far wider than the narrow panel it belongs to'
+    wide, narrow = plot.Chart(title, 'x', 'y', size=(150, 120)), plot.Chart('t', 'x', 'y', size=(150, 120))
+    for c in (wide, narrow):
+        c.line([0, 1], [0, 1])
+    assert wide.image().width >= plot._font(13).getlength(title) + 8 and narrow.image().size == (150, 120)
+    with Image.open(plot.save_panels([narrow, wide], str(tmp_path / 'sheet.png'))) as sheet:
+        assert sheet.size == (2 * wide.image().width, 120)   # equal cells, none cut by its neighbour
+
+
 def test_skeleton_and_translucent_mesh_keep_the_image_visible():
     import torch
     from data import resolve_mano
