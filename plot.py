@@ -63,8 +63,9 @@ def _ticks(lo, hi, n=5):
 
 
 class Chart:
-    """One panel of `size` px (wider where its title needs it): call line/bars/hline/text in data coordinates, then `image()`. The y axis
-    is linear, or logarithmic with `log_y`; ranges are fitted to what was drawn unless given."""
+    """One panel of `size` px (wider where its title needs it): call line/bars/hline/text in data coordinates,
+    then `image()`. The y axis is linear, or logarithmic with `log_y`; ranges are fitted to what was drawn unless
+    given."""
 
     def __init__(self, title, xlabel, ylabel, size=(480, 320), log_y=False, xlim=None, ylim=None):
         self.title, self.xlabel, self.ylabel, self.size, self.log_y = title, xlabel, ylabel, size, log_y
