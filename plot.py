@@ -101,9 +101,8 @@ class Chart:
     def image(self):
         font, small = _font(13), _font(11)
         W, H = self.size
-        title_w = font.getlength(self.title)
-        if title_w + 16 > W:   # widen a panel too narrow for its title, centred clear of the y label
-            W = math.ceil(title_w + 2 * (small.getlength(self.ylabel) + 12))
+        # The centred title shares its rows with the y label at the top left: widen the panel until they do not meet.
+        W = max(W, math.ceil(font.getlength(self.title) + 2 * (small.getlength(self.ylabel) + 12)))
         img = Image.new('RGB', (W, H), 'white')
         d = ImageDraw.Draw(img)
         left, right, top, bottom = 64, W - 12, 28, H - 56

@@ -34,8 +34,8 @@ def test_training_curves_of_both_stages(tmp_path):
         run = _write_log(tmp_path / name, records, dict(out_dim=1024))
         assert evaluate.main(['--plot', str(run)]) == 0
         img = Image.open(run / 'curves.png')
-        W, H = 480, 320                                      # one panel; two columns
-        assert img.size == (2 * W, H * math.ceil(panels / 2))
+        W, H = img.size[0] // 2, 320                         # two columns of equal cells, each a panel (480
+        assert W >= 480 and img.size == (2 * W, H * math.ceil(panels / 2))  # px, wider for a long title)
         for k in range(panels):                              # inside every panel's axes something was drawn
             x0, y0 = (k % 2) * W, (k // 2) * H
             assert _not_blank(img, (x0 + 70, y0 + 32, x0 + W - 16, y0 + H - 60)) > 0.005
@@ -68,6 +68,12 @@ def test_a_title_wider_than_its_panel_widens_the_panel_and_its_sheet(tmp_path):
     for c in (wide, narrow):
         c.line([0, 1], [0, 1])
     assert wide.image().width >= plot._font(13).getlength(title) + 8 and narrow.image().size == (150, 120)
+    # A title that fits its panel but would run into a long y label at the top left widens it too.
+    ylabel = 'PA-MPVPE on every image (mm)'
+    fits = plot.Chart('a title of 330 pixels or so, which fits the panel', 'x', ylabel, size=(360, 120))
+    fits.line([0, 1], [0, 1])
+    W = fits.image().width
+    assert (W - plot._font(13).getlength(fits.title)) / 2 > 4 + plot._font(11).getlength(ylabel)
     with Image.open(plot.save_panels([narrow, wide], str(tmp_path / 'sheet.png'))) as sheet:
         assert sheet.size == (2 * wide.image().width, 120)   # equal cells, none cut by its neighbour
 
