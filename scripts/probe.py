@@ -9,6 +9,10 @@ The ridge is fitted on --n_fit training images from --start on, its strength cho
 the score read on the --n_test after those. Every backbone sees the same images, so the rows compare: a random ViT
 (`random`), a HandMIM backbone.pth (pretrain.py's teacher), the ViT of a fine-tuned best.pth. The standard
 self-supervised check (DINO and iBOT report linear probes), here aimed at what the mesh regressor needs.
+Each row also gives every block's mean attention distance on the test images (ViT, Dosovitskiy et al. 2021, Fig. 7):
+how far, in pixels, a patch gathers from. Masked-image pretraining is meant to give a plain ViT the locality a CNN
+has built in (Xie et al. 2023, "Revealing the dark secrets of masked image modeling"); attention spread evenly over
+the patches is the reference.
 
 Run:  python scripts/probe.py runs/quickstart/hands random runs/quickstart/pretrain/backbone.pth
 """
@@ -81,6 +85,44 @@ def features(vit, images, batch_size):
     return torch.cat([vit(x)[:, 1:].flatten(1) for x in images.split(batch_size)])   # (n, N*D)
 
 
+@torch.no_grad()
+def attention_maps(vit, images):
+    """Softmax attention (B, H, T, T) of every block of `vit` on images (B, 3, S, S), [CLS] first: the blocks' own
+    query and key projections, caught on their way through the forward pass (the fused kernel never forms them)."""
+    qkvs = []
+    hooks = [block.attn.qkv.register_forward_hook(lambda m, i, out: qkvs.append(out)) for block in vit.blocks]
+    try:
+        vit(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    maps = []
+    for qkv in qkvs:
+        B, T, _ = qkv.shape
+        q, k, _ = qkv.reshape(B, T, 3, vit.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)   # 3 x (B, H, T, d)
+        maps.append((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1))            # (B, H, T, T)
+    return maps
+
+
+def attention_distance(attn, grid, patch_size):
+    """Mean attention distance per head (H,) in pixels: the distance between a patch query and each patch key,
+    weighted by the query's attention and averaged over queries and images. attn (B, H, T, T) with [CLS] first;
+    the [CLS] query and key are left out and each query's weights over the patches renormalized."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    centres = torch.stack([xs, ys], -1).flatten(0, 1).double() * patch_size      # (N, 2) px
+    a = attn[:, :, 1:, 1:].double()                                               # (B, H, N, N)
+    a = a / a.sum(-1, keepdim=True)
+    return (a * torch.cdist(centres, centres)).sum(-1).mean((0, 2))               # (H,)
+
+
+def mean_attention_distance(vit, images, batch_size):
+    """Per block, the mean attention distance (px) over its heads and the images (n, 3, S, S)."""
+    sums = [torch.stack([attention_distance(a, vit.grid, vit.patch_size) for a in attention_maps(vit, x)]) * len(x)
+            for x in images.split(batch_size)]                                   # per batch (L, H)
+    return (sum(sums) / len(images)).mean(1).tolist()
+
+
 def ridge(X, X_new):
     """Ridge regression with intercept on the rows of X, in its dual form (n samples << features) -> predict(Y,
     lam): predictions for X_new of the ridge fitted to (X, Y). One eigendecomposition of the Gram matrix serves
@@ -115,7 +157,8 @@ def probe(X, targets, n_fit, n_choose):
 
 
 def probe_backbones(cfg):
-    """One row per backbone: {'backbone', 'closure_corr', 'joints2d_r2', 'lam_closure', 'lam_joints2d'}."""
+    """One row per backbone: {'backbone', 'closure_corr', 'joints2d_r2', 'lam_closure', 'lam_joints2d',
+    'attention_px' (per block), 'uniform_px' (attention spread evenly)}."""
     n, mano, sets, rows = cfg.n_fit + cfg.n_choose + cfg.n_test, resolve_mano(None, cfg.data), {}, []
     print(json.dumps(dataclasses.asdict(cfg)))
     for name in cfg.backbones:
@@ -125,11 +168,16 @@ def probe_backbones(cfg):
         images, closure, j2d = sets[size]
         X, test = features(vit, images, cfg.batch_size), slice(cfg.n_fit + cfg.n_choose, n)
         (pred_c, lam_c), (pred_j, lam_j) = probe(X, [closure[:, None], j2d], cfg.n_fit, cfg.n_choose)
+        distance = mean_attention_distance(vit, images[test], cfg.batch_size)
+        T = 1 + vit.grid[0] * vit.grid[1]
+        uniform = float(attention_distance(torch.ones(1, 1, T, T), vit.grid, vit.patch_size)[0])
         rows.append(dict(backbone=name, closure_corr=corr(pred_c[:, 0], closure[test]),
-                         joints2d_r2=r2(pred_j, j2d[test]), lam_closure=lam_c, lam_joints2d=lam_j))
+                         joints2d_r2=r2(pred_j, j2d[test]), lam_closure=lam_c, lam_joints2d=lam_j,
+                         attention_px=distance, uniform_px=uniform))
         print(f"{name}: closure correlation {rows[-1]['closure_corr']:+.3f}  2D joints R^2 "
-              f"{rows[-1]['joints2d_r2']:+.3f}  (ridge {lam_c:g}, {lam_j:g} x mean squared feature norm)",
-              flush=True)
+              f"{rows[-1]['joints2d_r2']:+.3f}  (ridge {lam_c:g}, {lam_j:g} x mean squared feature norm)\n"
+              f"  mean attention distance per block: {' '.join(f'{d:.1f}' for d in distance)} px "
+              f"(uniform {uniform:.1f})", flush=True)
     return rows
 
 

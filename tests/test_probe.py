@@ -61,6 +61,50 @@ def test_probe_runs_on_every_kind_of_row(tmp_path):
     assert [r['backbone'] for r in rows] == list(cfg.backbones)
     assert all(-1 <= r['closure_corr'] <= 1 and r['joints2d_r2'] <= 1 for r in rows)
     assert rows[1]['closure_corr'] == rows[2]['closure_corr']  # the same ViT, saved two ways
+    assert rows[1]['attention_px'] == rows[2]['attention_px'] != rows[0]['attention_px']
+    assert all(len(r['attention_px']) == 1 and 0 < r['attention_px'][0] < 32 for r in rows)
     assert rows[0]['closure_corr'] != rows[1]['closure_corr']
     assert run_cli(probe.ProbeConfig, probe.probe_backbones, argv[:3] + ['--depth', '2', '--img_size', '32']) == 2
     assert run_cli(probe.ProbeConfig, probe.probe_backbones, argv[:2] + ['--n_fit', '100', '--img_size', '32']) == 2
+
+
+def test_attention_distance_against_a_loop_and_two_exact_cases():
+    g = torch.Generator().manual_seed(0)
+    h, w, p, T = 3, 4, 8, 13
+    attn = torch.rand(2, 2, T, T, generator=g).softmax(-1)
+    expected = torch.zeros(2)
+    for b in range(2):
+        for head in range(2):
+            for qi in range(T - 1):
+                weights = attn[b, head, 1 + qi, 1:] / attn[b, head, 1 + qi, 1:].sum()
+                expected[head] += sum(weights[ki] * p * np.hypot(qi % w - ki % w, qi // w - ki // w)
+                                      for ki in range(T - 1)) / (2 * (T - 1))
+    assert torch.allclose(probe.attention_distance(attn, (h, w), p).float(), expected, atol=1e-5)
+    eye = torch.eye(T)[None, None]
+    assert float(probe.attention_distance(eye, (h, w), p)[0]) == 0                # each patch on itself
+    right = torch.zeros(1, 1, T, T)
+    for qi in range(T - 1):   # each patch on its right neighbour, the last column on its left one
+        right[0, 0, 1 + qi, 1 + (qi + 1 if qi % w < w - 1 else qi - 1)] = 1
+    right[0, 0, 0, 0] = 1
+    assert abs(float(probe.attention_distance(right, (h, w), p)[0]) - p) < 1e-12
+
+
+def test_attention_maps_are_the_ones_the_blocks_apply():
+    torch.manual_seed(0)
+    vit = probe.M.ARCHS['vit_tiny'](img_size=32, patch_size=8, depth=2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    outputs = []
+    hook = vit.blocks[1].attn.proj.register_forward_hook(lambda m, i, out: outputs.append(i[0]))
+    maps = probe.attention_maps(vit, x)
+    hook.remove()
+    assert len(maps) == 2 and maps[1].shape == (3, 3, 17, 17)
+    assert torch.allclose(maps[1].sum(-1), torch.ones(3, 3, 17))
+    B, T, D = outputs[0].shape   # the fused kernel's output of block 2, heads concatenated: attn @ v
+    qkvs = []
+    hook = vit.blocks[1].attn.qkv.register_forward_hook(lambda m, i, out: qkvs.append(out))
+    with torch.no_grad():
+        vit(x)
+    hook.remove()
+    v = qkvs[0].reshape(B, T, 3, vit.num_heads, -1)[:, :, 2].transpose(1, 2)      # (B, H, T, d)
+    assert torch.allclose((maps[1] @ v).transpose(1, 2).reshape(B, T, D), outputs[0], atol=1e-5)
+    assert not torch.allclose(maps[0], maps[1])
