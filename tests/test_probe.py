@@ -93,18 +93,15 @@ def test_attention_maps_are_the_ones_the_blocks_apply():
     torch.manual_seed(0)
     vit = probe.M.ARCHS['vit_tiny'](img_size=32, patch_size=8, depth=2).eval()
     x = torch.randn(3, 3, 32, 32)
-    outputs = []
-    hook = vit.blocks[1].attn.proj.register_forward_hook(lambda m, i, out: outputs.append(i[0]))
-    maps = probe.attention_maps(vit, x)
-    hook.remove()
+    outputs, qkvs = [], []   # block 2's qkv and the fused kernel's output (heads concatenated: attn @ v)
+    hooks = [vit.blocks[1].attn.qkv.register_forward_hook(lambda m, i, out: qkvs.append(out)),
+             vit.blocks[1].attn.proj.register_forward_hook(lambda m, i, out: outputs.append(i[0]))]
+    maps = probe.attention_maps(vit, x)   # one forward pass serves the probe's hooks and these
+    for hook in hooks:
+        hook.remove()
     assert len(maps) == 2 and maps[1].shape == (3, 3, 17, 17)
     assert torch.allclose(maps[1].sum(-1), torch.ones(3, 3, 17))
-    B, T, D = outputs[0].shape   # the fused kernel's output of block 2, heads concatenated: attn @ v
-    qkvs = []
-    hook = vit.blocks[1].attn.qkv.register_forward_hook(lambda m, i, out: qkvs.append(out))
-    with torch.no_grad():
-        vit(x)
-    hook.remove()
+    B, T, D = outputs[0].shape
     v = qkvs[0].reshape(B, T, 3, vit.num_heads, -1)[:, :, 2].transpose(1, 2)      # (B, H, T, d)
     assert torch.allclose((maps[1] @ v).transpose(1, 2).reshape(B, T, D), outputs[0], atol=1e-5)
     assert not torch.allclose(maps[0], maps[1])
