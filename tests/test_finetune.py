@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import finetune
@@ -331,8 +332,9 @@ def test_cli_bad_input_exits_with_a_message(synth_set, tmp_path, capsys):
 
 
 def test_quickstart_smoke(tmp_path):  # five processes that each import torch: ~15 s on 2 idle cores
-    """scripts/quickstart.sh end to end with two steps per stage: every stage hands the next what it needs,
-    and the official submission of the evaluation split scores to finite numbers."""
+    """scripts/quickstart.sh end to end with two steps per stage: every stage hands the next what it needs
+    (128 px images, read by both trainers with 16-px patches), and the official submission of the evaluation
+    split scores to finite numbers."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OUT=str(tmp_path / 'qs'), SMOKE='1', PYTHON=sys.executable, OMP_NUM_THREADS='1')
     run = subprocess.run(['bash', os.path.join(root, 'scripts', 'quickstart.sh')], env=env, capture_output=True,
@@ -342,6 +344,12 @@ def test_quickstart_smoke(tmp_path):  # five processes that each import torch: ~
         with open(tmp_path / 'qs' / name / 'scores.json') as f:
             scores = json.load(f)
         assert scores['num_samples'] == 1 and 0 < scores['metrics']['pa_mpvpe'] < 0.1
+    with Image.open(next((tmp_path / 'qs' / 'hands' / 'training' / 'rgb').iterdir())) as image:
+        assert image.size == (128, 128)
+    for stage in ('pretrain', 'finetune'):
+        with open(tmp_path / 'qs' / stage / 'config.json') as f:
+            config = json.load(f)
+        assert (config['img_size'], config['patch_size']) == (128, 16), stage
 
 
 def test_heatmap_targets_peak_on_their_joints():
