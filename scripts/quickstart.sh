@@ -13,7 +13,7 @@
 #
 # Both trainers run their 'tiny' presets (no GPU): ViT-Tiny with 6 blocks, a PyMAF head with a 64/32/16-channel
 # pyramid, the hand-frame and heat-map losses. The hands are rendered at 128 px and read with the paper's
-# 16-px patches (SIZE below): the same 64 tokens as the preset's 64 px with 8-px patches, at most 10% more time
+# 16-px patches (IMG, SIZE below): the same 64 tokens as the preset's 64 px with 8-px patches, at most 10% more time
 # per step, and lower validation PA-MPVPE after the same 900 steps (docs/results.md). On 2 cores the budget
 # goes to fine-tuning (4 epochs of the 7200 labelled hands); pretraining is one short epoch over 3200 of the
 # training images, enough to see HandMIM's losses move (its learning curves land in pretrain/curves.png).
@@ -25,7 +25,8 @@
 # 5 and 1, augmentation on), 9.72 (--no-augment), 9.11 (and the weights 50 and 0.3); docs/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIZE=(--img_size 128 --patch_size 16)   # rendering and both trainers: 8 x 8 = 64 tokens
+IMG=128                                     # rendered image side = both trainers' crop side
+SIZE=(--img_size "$IMG" --patch_size 16)   # both trainers: 8 x 8 = 64 tokens
 OUT=${OUT:-runs/quickstart}
 MANO=${MANO:-synthetic}
 PYTHON=${PYTHON:-python}
@@ -43,7 +44,7 @@ else   # the sizes behind the README's quick-start numbers
   EVAL=()
 fi
 
-$PYTHON synthetic.py "$OUT/hands" --n "$N" --img_size 128 --mano "$MANO"
+$PYTHON synthetic.py "$OUT/hands" --n "$N" --img_size "$IMG" --mano "$MANO"
 $PYTHON pretrain.py --data "$OUT/hands" --preset tiny "${SIZE[@]}" --output_dir "$OUT/pretrain" "${PRETRAIN[@]}"
 $PYTHON finetune.py --data "$OUT/hands" --mano "$MANO" --preset tiny "${SIZE[@]}" \
     --pretrained "$OUT/pretrain/backbone.pth" --no-augment --output_dir "$OUT/finetune" "${FINETUNE[@]}"
