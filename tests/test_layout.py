@@ -2,6 +2,7 @@
 stage), no import cycle between the project's files, and mano.py / model.py stand alone so they can be copied."""
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -73,15 +74,18 @@ def test_files_stay_readable_and_the_readme_counts_their_lines():
     """Every project file within the line budget (500, model.py 600; synthetic.py, the licence-free stand-in
     for MANO and its datasets, is the README's stated exception), and the README's file table gives each
     file's true line count."""
-    import re
     limits = {'model.py': 600, 'synthetic.py': None}
     files = sorted(f for f in os.listdir(ROOT) if f.endswith('.py'))
     files += sorted('scripts/' + f for f in os.listdir(os.path.join(ROOT, 'scripts')) if f.endswith('.py'))
-    counts = {f: sum(1 for _ in open(os.path.join(ROOT, f))) for f in files}
+    counts = {}
+    for f in files:
+        with open(os.path.join(ROOT, f)) as text:
+            counts[f] = sum(1 for _ in text)
     for f, n in counts.items():
         limit = limits.get(f, 500)
         assert limit is None or n <= limit, f'{f} has {n} lines, over {limit}'
-    readme = open(os.path.join(ROOT, 'README.md')).read()
+    with open(os.path.join(ROOT, 'README.md')) as text:
+        readme = text.read()
     table = dict(re.findall(r'^\| `([\w/]+\.py)` \| (\d+) \|', readme, flags=re.M))
     assert {'mano.py', 'model.py', 'finetune.py', 'synthetic.py'} <= set(table), table
     wrong = {f: (int(n), counts.get(f)) for f, n in table.items() if counts.get(f) != int(n)}
