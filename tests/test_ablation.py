@@ -1,5 +1,6 @@
 """Tests of scripts/ablation.py: the report functions (aggregate, markdown, plot) on hand-made results, its small
 helpers, and an end-to-end --smoke run (one step per stage) that resumes from its result files alone."""
+import glob
 import json
 import math
 import os
@@ -188,3 +189,51 @@ def test_committed_table_is_generated_from_committed_results():
     assert len(table) == len(rows) + 2
     for line in table:
         assert line in report.splitlines() and line in readme.splitlines(), line
+
+
+def _cells(folder):
+    """PA-MPVPE of each variant in assets/<folder>/*.json as the README writes it: '9.07 +- 0.11' for the mean
+    +- std and '9.07' for each single run -> {variant: (set of strings, number of runs)}."""
+    rows = ablation.aggregate(ablation.load_results(os.path.join(ROOT, 'assets', folder)))
+    out = {}
+    for row in rows:
+        stat = row['pa_mpvpe_mm']
+        texts = {f'{v:.2f}' for v in stat['values']}
+        if stat['std'] is not None:
+            texts.add(f"{stat['mean']:.2f} +- {stat['std']:.2f}")
+        out[row['variant']] = (texts, len(stat['values']))
+    return out
+
+
+def test_readme_table_of_attempts_matches_committed_results():
+    """Every number of the README's table of attempts to make pretraining lead is in the result files its row
+    names: the HandMIM column in that row's folders (the full variant, or masked pixels alone where the folder
+    has no full), the scratch column there too, or, for a row that changes only the pretraining, in another
+    setting's folder; and the row's seed count is at most the runs behind its HandMIM number."""
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        lines = f.read().splitlines()
+    start = lines.index('| setting | seeds | scratch | HandMIM | results |')
+    table = []
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        table.append([c.strip() for c in line.strip('|').split('|')])
+    folders = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, 'assets', 'ablation*.json')))
+    every_scratch = set().union(*(_cells(f).get('scratch', (set(), 0))[0] for f in folders))
+    checked = 0
+    for setting, seeds, scratch, handmim, results in table:
+        if results == 'docs only':
+            continue
+        names, named = [n.strip(' `') for n in results.split(',')], []
+        for n in names:  # `ablation_mae75`, `_long`: a suffix of the previous name
+            named.append(named[-1] + n if n.startswith('_') else n)
+        cells = [_cells(n) for n in named]
+        assert all(cells), f'{setting}: no results in assets/ for {named}'
+        for text, c in zip(handmim.split(' / '), cells if len(cells) > 1 else cells * 2):
+            texts, runs = c['full'] if 'full' in c else c['pix_only']
+            assert text in texts, f'{setting}: HandMIM {text} is not in {sorted(texts)}'
+            assert int(seeds) <= runs, setting
+        own = set().union(*(c.get('scratch', (set(), 0))[0] for c in cells))
+        assert scratch in (own or every_scratch), f'{setting}: scratch {scratch} is not in {sorted(own or every_scratch)}'
+        checked += 1
+    assert checked >= 10
