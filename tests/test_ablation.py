@@ -237,6 +237,7 @@ def test_readme_table_of_attempts_matches_committed_results():
             assert text in allowed, f'{setting}: HandMIM {text} is not in {sorted(allowed)}'
             assert int(seeds) <= runs, setting
         own = set().union(*(c.get('scratch', (set(), 0))[0] for c in cells))
-        assert scratch in (own or every_scratch), f'{setting}: scratch {scratch} is not in {sorted(own or every_scratch)}'
+        allowed = own or every_scratch
+        assert scratch in allowed, f'{setting}: scratch {scratch} is not in {sorted(allowed)}'
         checked += 1
     assert checked >= 10
