@@ -198,9 +198,7 @@ def _cells(folder):
     out = {}
     for row in rows:
         stat = row['pa_mpvpe_mm']
-        texts = {f'{v:.2f}' for v in stat['values']}
-        if stat['std'] is not None:
-            texts.add(f"{stat['mean']:.2f} +- {stat['std']:.2f}")
+        texts = {f'{v:.2f}' for v in stat['values']} | {ablation.mean_std(stat, 2).replace(' ± ', ' +- ')}
         out[row['variant']] = (texts, len(stat['values']))
     return out
 
