@@ -217,7 +217,8 @@ def test_readme_table_of_attempts_matches_committed_results():
             break
         table.append([c.strip() for c in line.strip('|').split('|')])
     folders = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, 'assets', 'ablation*.json')))
-    every_scratch = set().union(*(_cells(f).get('scratch', (set(), 0))[0] for f in folders))
+    cells_of = {f: _cells(f) for f in folders}  # each folder's result files read once
+    every_scratch = set().union(*(c.get('scratch', (set(), 0))[0] for c in cells_of.values()))
     checked = 0
     for setting, seeds, scratch, handmim, results in table:
         if results == 'docs only':
@@ -225,7 +226,7 @@ def test_readme_table_of_attempts_matches_committed_results():
         names, named = [n.strip(' `') for n in results.split(',')], []
         for n in names:  # `ablation_mae75`, `_long`: a suffix of the previous name
             named.append(named[-1] + n if n.startswith('_') else n)
-        cells = [_cells(n) for n in named]
+        cells = [cells_of.get(n, {}) for n in named]
         assert all(cells), f'{setting}: no results in assets/ for {named}'
         texts = handmim.split(' / ')  # '9.42 +- 0.11 / 9.59 +- 0.06': one per named folder
         per_text = cells * len(texts) if len(cells) == 1 else cells
