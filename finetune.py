@@ -142,11 +142,15 @@ def load_pretrained(vit, path, key='teacher'):
     """Initialize `vit` in place from `path` -> (loaded, missing, unexpected) key lists.
 
     Our backbone.pth is a plain ViT state dict; our pretrain checkpoint.pth holds the teacher under
-    'teacher' and the student under 'model' (both with a 'backbone.' prefix); official files are
+    'teacher' and the student under 'model' (both with a 'backbone.' prefix); a finetune.py checkpoint
+    gives its ViT ('vit.' under 'model'; the regressor starts afresh); official files are
     unwrapped by `ViT.load_pretrained` (containers, prefixes, heads dropped, pos_embed interpolated).
     A file without ViT weights, or made for a ViT of another width or depth, is a ValueError."""
     ckpt = load_checkpoint(path)
-    if key == 'student':  # ours keeps the student under 'model', DINO under 'student'
+    model = ckpt.get('model')
+    if isinstance(model, dict) and any(k.startswith('vit.') for k in model):  # finetune.py's: its backbone only
+        ckpt = {k[len('vit.'):]: v for k, v in model.items() if k.startswith('vit.')}
+    elif key == 'student':  # ours keeps the student under 'model', DINO under 'student'
         ckpt = next((ckpt[k] for k in ('student', 'model') if isinstance(ckpt.get(k), dict)), ckpt)
     try:
         loaded, missing, unexpected = vit.load_pretrained(ckpt)
@@ -175,8 +179,9 @@ class FinetuneConfig:
     dataset: str = option('freihand', 'layout of --data', choices=['freihand', 'ho3d'])
     mano: str = option('synthetic', "MANO model: 'synthetic' or the path of MANO_RIGHT.pkl / .npz")
     output_dir: str = option('./runs/finetune', 'checkpoints, logs and config.json go here')
-    pretrained: str = option('', 'ViT init: our backbone.pth / checkpoint.pth, or an official MAE, DINO, iBOT or '
-                                'timm file; empty = from scratch')
+    pretrained: str = option('', "ViT init: our backbone.pth / checkpoint.pth, a finetune.py checkpoint (its ViT; "
+                                 "the regressor starts afresh), or an official MAE, DINO, iBOT or timm file; "
+                                 "empty = from scratch")
     key: str = option('teacher', 'network of a pretraining checkpoint.pth to load', choices=['teacher', 'student'])
     preset: str = option('auto', "tiny (CPU, pretrain.py's tiny backbone) | base (paper scale) | auto: base with a GPU, "
                                  "else tiny; fills every field left unset", choices=['auto', 'tiny', 'base'])

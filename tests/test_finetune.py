@@ -198,6 +198,19 @@ def test_pretrained_pos_embed_is_interpolated(tmp_path):
     torch.testing.assert_close(target.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
 
 
+def test_pretrained_takes_the_vit_of_a_finetune_checkpoint(tmp_path, mano):
+    """A finetune.py checkpoint (a FreiHAND model to start HO3D from, say) gives its ViT key for key;
+    the regressor's weights are not the ViT's and are left out, not reported as unexpected."""
+    torch.manual_seed(4)
+    source = MeshRegressor(vit_tiny(img_size=S, depth=2), mano, deconv_dims=(64, 32, 32), hidden_dim=256)
+    torch.save({'model': source.state_dict(), 'config': {}, 'epoch': 1}, tmp_path / 'best.pth')
+    target = vit_tiny(img_size=S, depth=2)
+    loaded, missing, unexpected = load_pretrained(target, str(tmp_path / 'best.pth'))
+    assert not missing and not unexpected and len(loaded) == len(target.state_dict())
+    for k, v in source.vit.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
 def test_bad_pretrained_files_are_clear_errors(tmp_path):
     vit = vit_tiny(img_size=S, depth=2)
     good = tmp_path / 'good.pth'
