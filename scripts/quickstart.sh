@@ -6,7 +6,7 @@
 #   4. predict the held-out evaluation split, write the official pred.json and score it (evaluate.py),
 #      next to the same for the mean hand (MANO mean pose and shape for every image).
 #
-#   bash scripts/quickstart.sh                 # 14-15 minutes on 2 idle cores, more on a slow day (README)
+#   bash scripts/quickstart.sh                 # 13-15 minutes on 2 idle cores, more on a slow day (README)
 #   SMOKE=1 bash scripts/quickstart.sh         # a couple of steps per stage (tests/test_finetune.py runs it)
 # Variables: OUT (default runs/quickstart), MANO (default synthetic; or the path of MANO_RIGHT.pkl),
 # PYTHON (default python). Neither pretraining nor fine-tuning ever sees the evaluation images.

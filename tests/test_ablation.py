@@ -192,7 +192,7 @@ def test_committed_table_is_generated_from_committed_results():
 
 
 def _cells(folder):
-    """PA-MPVPE of each variant in assets/<folder>/*.json as the README writes it: '9.07 +- 0.11' for the mean
+    """PA-MPVPE of each variant in assets/<folder>/*.json as the tables write it: '9.07 +- 0.11' for the mean
     +- std and '9.07' for each single run -> {variant: (set of strings, number of runs)}."""
     rows = ablation.aggregate(ablation.load_results(os.path.join(ROOT, 'assets', folder)))
     out = {}
@@ -203,12 +203,12 @@ def _cells(folder):
     return out
 
 
-def test_readme_table_of_attempts_matches_committed_results():
-    """Every number of the README's table of attempts to make pretraining lead is in the result files its row
+def test_table_of_attempts_matches_committed_results():
+    """Every number of docs/results.md's table of attempts to make pretraining lead is in the result files its row
     names: the HandMIM column in that row's folders (the full variant, or masked pixels alone where the folder
     has no full), the scratch column there too, or, for a row that changes only the pretraining, in another
     setting's folder; and the row's seed count is at most the runs behind its HandMIM number."""
-    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    with open(os.path.join(ROOT, 'docs', 'results.md'), encoding='utf-8') as f:
         lines = f.read().splitlines()
     start = lines.index('| setting | seeds | scratch | HandMIM | results |')
     table = []
