@@ -169,6 +169,25 @@ def load_pretrained(vit, path, key='teacher'):
     return loaded, missing, unexpected
 
 
+def load_regressor(model, path):
+    """Start everything but the ViT (pyramid, heat-map head, regressor) from the finetune.py checkpoint at
+    `path` -> the loaded keys. Transfer between labelled sets (HO3Dv2 from a FreiHAND model) keeps what the
+    regressor learned: on synthetic hands a fresh one cost a 588-step fine-tuning 0.6 mm (README, "Any
+    pretrained ViT"). A checkpoint of another --head_width or --n_iter is a ValueError; the MANO model is not
+    stored, so pass the same --mano."""
+    sd = load_checkpoint(path).get('model')
+    if not isinstance(sd, dict) or not any(k.startswith('vit.') for k in sd):
+        raise ValueError(f'--keep_regressor: {path} is not a finetune.py checkpoint (no ViT and regressor)')
+    head = {k: v for k, v in sd.items() if not k.startswith('vit.')}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith('vit.')}
+    wrong = sorted(set(own) ^ set(head)) + [k for k in head if k in own and head[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f'--keep_regressor: the regressor of {path} differs from this one ({wrong[:3]}): '
+                         f'pass the --head_width and --n_iter of its run')
+    model.load_state_dict(head, strict=False)
+    return list(head)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration, data, validation
 
@@ -180,9 +199,11 @@ class FinetuneConfig:
     mano: str = option('synthetic', "MANO model: 'synthetic' or the path of MANO_RIGHT.pkl / .npz")
     output_dir: str = option('./runs/finetune', 'checkpoints, logs and config.json go here')
     pretrained: str = option('', "ViT init: our backbone.pth / checkpoint.pth, a finetune.py checkpoint (its ViT; "
-                                 "the regressor starts afresh), or an official MAE, DINO, iBOT or timm file; "
-                                 "empty = from scratch")
+                                 "the regressor starts afresh unless --keep_regressor), or an official MAE, DINO, "
+                                 "iBOT or timm file; empty = from scratch")
     key: str = option('teacher', 'network of a pretraining checkpoint.pth to load', choices=['teacher', 'student'])
+    keep_regressor: bool = option(False, 'with a finetune.py checkpoint as --pretrained: start the regressor from '
+                                         'it too, not afresh (e.g. HO3Dv2 from a FreiHAND model)')
     preset: str = option('auto', "tiny (CPU, pretrain.py's tiny backbone) | base (paper scale) | auto: base with a GPU, "
                                  "else tiny; fills every field left unset", choices=['auto', 'tiny', 'base'])
     # Architecture; None = the preset's value.
@@ -319,6 +340,10 @@ def train(cfg):
         loaded, missing, unexpected = load_pretrained(model.vit, cfg.pretrained, cfg.key)
         print0(f'--pretrained {cfg.pretrained}: loaded {len(loaded)} tensors; missing (left at init): '
                f'{missing or "none"}; unexpected (ignored): {unexpected or "none"}')
+        if cfg.keep_regressor:
+            print0(f'--keep_regressor: {len(load_regressor(model, cfg.pretrained))} regressor tensors loaded too')
+    elif cfg.keep_regressor:
+        raise ValueError('--keep_regressor needs --pretrained: the finetune.py checkpoint to start from')
     else:
         print0('no --pretrained: the ViT starts from scratch')
     if is_main:  # only now that data and weights are known to be good: a failed start writes nothing

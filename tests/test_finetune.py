@@ -14,7 +14,7 @@ import evaluate
 import finetune
 from engine import apply_preset
 from evaluate import load_finetuned
-from finetune import load_pretrained, lr_decay_scale, mesh_losses
+from finetune import load_pretrained, load_regressor, lr_decay_scale, mesh_losses
 from mano import MANO, axis_angle_to_matrix
 from model import MeshRegressor, build_regressor, camera_translation, interpolate_pos_embed, vit_small, vit_tiny
 from synthetic import synthetic_mano
@@ -211,6 +211,29 @@ def test_pretrained_takes_the_vit_of_a_finetune_checkpoint(tmp_path, mano):
         assert torch.equal(target.state_dict()[k], v), k
 
 
+def test_keep_regressor_starts_the_whole_model_from_a_finetune_checkpoint(tmp_path, mano):
+    """--pretrained + --keep_regressor on a finetune.py checkpoint: the new model predicts exactly what the old
+    one did; a regressor of another width, or a file without one, is a clear error."""
+    torch.manual_seed(5)
+    make = lambda dims: MeshRegressor(vit_tiny(img_size=S, depth=2), mano, deconv_dims=dims, hidden_dim=256).eval()
+    source = make((64, 32, 32))
+    path = tmp_path / 'best.pth'
+    torch.save({'model': source.state_dict(), 'config': {}, 'epoch': 1}, path)
+    target = make((64, 32, 32))
+    load_pretrained(target.vit, str(path))
+    x = torch.randn(2, 3, S, S)
+    assert not torch.allclose(target(x)[-1]['vertices'], source(x)[-1]['vertices'])  # the ViT alone: not enough
+    loaded = load_regressor(target, str(path))
+    assert len(loaded) + len(source.vit.state_dict()) == len(source.state_dict())
+    for a, b in zip(target(x), source(x)):
+        torch.testing.assert_close(a['vertices'], b['vertices'])
+    with pytest.raises(ValueError, match='--head_width'):
+        load_regressor(make((32, 16, 16)), str(path))
+    torch.save(source.vit.state_dict(), tmp_path / 'backbone.pth')
+    with pytest.raises(ValueError, match='not a finetune.py checkpoint'):
+        load_regressor(target, str(tmp_path / 'backbone.pth'))
+
+
 def test_bad_pretrained_files_are_clear_errors(tmp_path):
     vit = vit_tiny(img_size=S, depth=2)
     good = tmp_path / 'good.pth'
@@ -342,6 +365,9 @@ def test_cli_bad_input_exits_with_a_message(synth_set, tmp_path, capsys):
         code = finetune.main(['--data', str(synth_set), '--img_size', str(S), '--batch_size', '4',
                               '--output_dir', str(out), flag, str(bad)])
         assert code == 2 and 'bad.pth' in capsys.readouterr().err and not out.exists()
+    code = finetune.main(['--data', str(synth_set), '--img_size', str(S), '--batch_size', '4', '--output_dir', str(out),
+                          '--keep_regressor'])
+    assert code == 2 and '--keep_regressor needs --pretrained' in capsys.readouterr().err and not out.exists()
 
 
 def test_quickstart_smoke(tmp_path):  # five processes that each import torch: ~15 s on 2 idle cores
