@@ -1,12 +1,17 @@
 """The project's layout as rules: stages are leaves (pretrain.py, finetune.py and evaluate.py import no other
-stage), no import cycle between the project's files, and mano.py / model.py stand alone so they can be copied."""
+stage), no import cycle between the project's files, mano.py / model.py stand alone so they can be copied, and
+the README's file table and commands match the files."""
 import ast
+import dataclasses
+import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {'pretrain', 'finetune', 'evaluate'}
@@ -90,3 +95,53 @@ def test_files_stay_readable_and_the_readme_counts_their_lines():
     assert {'mano.py', 'model.py', 'finetune.py', 'synthetic.py'} <= set(table), table
     wrong = {f: (int(n), counts.get(f)) for f, n in table.items() if counts.get(f) != int(n)}
     assert not wrong, f'README file table (said, actual): {wrong}'
+
+
+def readme_commands():
+    """Every `python FILE.py ...` command of the README, from its code blocks (continuation lines joined,
+    comments dropped) and its inline code, as (file, argv). Inline ones with a placeholder ([--flag], ...) are
+    templates, not commands, and are left out."""
+    text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    lines = []
+    for block in re.findall(r'```bash\n(.*?)```', text, flags=re.S):
+        lines += [line.split(' #')[0] for line in block.replace('\\\n', ' ').splitlines()]
+    lines += [c for c in re.findall(r'`(python [^`]+)`', text) if '[' not in c]
+    found = []
+    for line in lines:
+        words = shlex.split(line.strip())
+        if len(words) > 1 and words[0] == 'python' and words[1].endswith('.py') and '...' not in words:
+            found.append((words[1], words[2:]))
+    return found
+
+
+def test_readme_commands_parse_with_their_scripts_flags(capsys, monkeypatch):
+    """Each README command's flags are the flags of its script (doc rot: a renamed or removed flag, a value
+    of the wrong type or outside the choices). Parsed only, with the script's own dataclass config, nothing
+    run; tested to fail on a flag the script does not have."""
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, 'scripts'))   # as when a script runs: its folder first
+    from engine import config_from_cli
+
+    def config_class(path):
+        spec = importlib.util.spec_from_file_location('readme_' + re.sub(r'\W', '_', path), os.path.join(ROOT, path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        classes = [c for n, c in vars(module).items() if n.endswith('Config') and dataclasses.is_dataclass(c)
+                   and c.__module__ == module.__name__]
+        assert len(classes) == 1, f'{path}: expected one *Config dataclass, found {classes}'
+        return classes[0]
+
+    commands = readme_commands()
+    files = {f for f, _ in commands}
+    assert {'synthetic.py', 'pretrain.py', 'finetune.py', 'evaluate.py', 'scripts/bench.py'} <= files, files
+    classes = {f: config_class(f) for f in files}
+    bad = []
+    for f, argv in commands:
+        try:
+            config_from_cli(classes[f], argv)
+        except SystemExit as e:   # 0 for --help
+            if e.code:
+                bad.append(f'python {f} {" ".join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}')
+    assert not bad, 'README commands that their scripts reject:\n' + '\n'.join(bad)
+    with pytest.raises(SystemExit):   # the check itself can fail
+        config_from_cli(classes['finetune.py'], ['--no_such_flag', '1'])
