@@ -1,6 +1,6 @@
 """The project's layout as rules: stages are leaves (pretrain.py, finetune.py and evaluate.py import no other
 stage), no import cycle between the project's files, mano.py / model.py stand alone so they can be copied, and
-the README's file table and commands match the files."""
+the README's file table and the commands of the README and the lab notes match the files."""
 import ast
 import dataclasses
 import importlib.util
@@ -97,15 +97,15 @@ def test_files_stay_readable_and_the_readme_counts_their_lines():
     assert not wrong, f'README file table (said, actual): {wrong}'
 
 
-def readme_commands():
-    """Every `python FILE.py ...` command of the README, from its code blocks (continuation lines joined,
-    comments dropped) and its inline code, as (file, argv). Inline ones with a placeholder ([--flag], ...) are
-    templates, not commands, and are left out."""
-    text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+def documented_commands(doc):
+    """Every `python FILE.py ...` command of the markdown file `doc`, from its code blocks (continuation lines
+    joined, comments dropped) and its inline code (which may wrap), as (file, argv). Inline ones with a
+    placeholder ([--flag], ...) are templates, not commands, and are left out."""
+    text = open(os.path.join(ROOT, doc), encoding='utf-8').read()
     lines = []
     for block in re.findall(r'```bash\n(.*?)```', text, flags=re.S):
         lines += [line.split(' #')[0] for line in block.replace('\\\n', ' ').splitlines()]
-    lines += [c for c in re.findall(r'`(python [^`]+)`', text) if '[' not in c]
+    lines += [c for c in re.findall(r'`(python [^`]+)`', text.replace('\n', ' ')) if '[' not in c]
     found = []
     for line in lines:
         words = shlex.split(line.strip())
@@ -114,10 +114,10 @@ def readme_commands():
     return found
 
 
-def test_readme_commands_parse_with_their_scripts_flags(capsys, monkeypatch):
-    """Each README command's flags are the flags of its script (doc rot: a renamed or removed flag, a value
-    of the wrong type or outside the choices). Parsed only, with the script's own dataclass config, nothing
-    run; tested to fail on a flag the script does not have."""
+def test_documented_commands_parse_with_their_scripts_flags(capsys, monkeypatch):
+    """Each command of the README and the lab notes has the flags of its script (doc rot: a renamed or removed
+    flag, a value of the wrong type or outside the choices). Parsed only, with the script's own dataclass
+    config, nothing run; tested to fail on a flag the script does not have."""
     monkeypatch.syspath_prepend(ROOT)
     monkeypatch.syspath_prepend(os.path.join(ROOT, 'scripts'))   # as when a script runs: its folder first
     from engine import config_from_cli
@@ -131,7 +131,7 @@ def test_readme_commands_parse_with_their_scripts_flags(capsys, monkeypatch):
         assert len(classes) == 1, f'{path}: expected one *Config dataclass, found {classes}'
         return classes[0]
 
-    commands = readme_commands()
+    commands = documented_commands('README.md') + documented_commands(os.path.join('docs', 'results.md'))
     files = {f for f, _ in commands}
     assert {'synthetic.py', 'pretrain.py', 'finetune.py', 'evaluate.py', 'scripts/bench.py'} <= files, files
     classes = {f: config_class(f) for f in files}
@@ -142,6 +142,6 @@ def test_readme_commands_parse_with_their_scripts_flags(capsys, monkeypatch):
         except SystemExit as e:   # 0 for --help
             if e.code:
                 bad.append(f'python {f} {" ".join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}')
-    assert not bad, 'README commands that their scripts reject:\n' + '\n'.join(bad)
+    assert not bad, 'documented commands that their scripts reject:\n' + '\n'.join(bad)
     with pytest.raises(SystemExit):   # the check itself can fail
         config_from_cli(classes['finetune.py'], ['--no_such_flag', '1'])
