@@ -207,8 +207,8 @@ def test_table_of_attempts_matches_committed_results():
     """Every number of docs/results.md's table of attempts to make pretraining lead is in the result files its row
     names: the HandMIM column in that row's folders (the full variant, or masked pixels alone where the folder
     has no full), the scratch column there too, or, for a row that changes only the pretraining, in another
-    setting's folder; and the row's seed count is at most the runs behind its HandMIM number. A row naming one
-    result file (`name.json`) is one run: its HandMIM number is that file's."""
+    setting's folder; and the row's seed count is at most the runs behind its HandMIM number. A row naming a
+    folder of single runs (`name/`: one file per run with its `start`) has both columns from those files."""
     with open(os.path.join(ROOT, 'docs', 'results.md'), encoding='utf-8') as f:
         lines = f.read().splitlines()
     start = lines.index('| setting | seeds | scratch | HandMIM | results |')
@@ -224,9 +224,16 @@ def test_table_of_attempts_matches_committed_results():
     for setting, seeds, scratch, handmim, results in table:
         if results == 'docs only':
             continue
-        if results.endswith('.json`'):   # one run in one result file: its HandMIM number
-            with open(os.path.join(ROOT, 'assets', results.strip('`')), encoding='utf-8') as f:
-                assert handmim == f"{json.load(f)['pa_mpvpe_mm']:.2f}" and seeds == '1', setting
+        if results.endswith('/`'):   # a folder of per-run files, each with its `start` and `pa_mpvpe_mm`
+            runs = {}
+            for path in glob.glob(os.path.join(ROOT, 'assets', results.strip('`'), '*.json')):
+                with open(path, encoding='utf-8') as f:
+                    run = json.load(f)
+                runs.setdefault(run['start'], []).append(run['pa_mpvpe_mm'])
+            for start, text in (('scratch', scratch), ('handmim', handmim)):
+                x = np.array(runs[start])
+                said = f'{x.mean():.2f}' + (f' +- {x.std(ddof=1):.2f}' if len(x) > 1 else '')
+                assert text == said and int(seeds) == len(x), f'{setting}: {start} {text}, files {said}'
             checked += 1
             continue
         names, named = [n.strip(' `') for n in results.split(',')], []
