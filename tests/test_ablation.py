@@ -232,7 +232,8 @@ def test_table_of_attempts_matches_committed_results():
                 runs.setdefault(run['start'], []).append(run['pa_mpvpe_mm'])
             for start, text in (('scratch', scratch), ('handmim', handmim)):
                 x = np.array(runs[start])
-                said = f'{x.mean():.2f}' + (f' +- {x.std(ddof=1):.2f}' if len(x) > 1 else '')
+                stat = dict(mean=x.mean(), std=x.std(ddof=1) if len(x) > 1 else None)
+                said = ablation.mean_std(stat, 2).replace(' ± ', ' +- ')   # as the tables write it
                 assert text == said and int(seeds) == len(x), f'{setting}: {start} {text}, files {said}'
             checked += 1
             continue
