@@ -252,8 +252,7 @@ class PretrainConfig:
     resume: str = option('', 'checkpoint.pth to continue from')
 
 
-# The CPU preset is shallower than ViT-Tiny (6 blocks instead of 12) and has a narrower head so
-# that the quick start trains at a useful speed on a laptop; `base` is iBOT's ViT-B/16 recipe.
+# tiny: ViT-Tiny with 6 blocks instead of 12 and a narrow head, for a useful speed on a CPU; base: iBOT's ViT-B/16.
 PRESETS = {
     'tiny': dict(arch='vit_tiny', depth=6, img_size=64, patch_size=8, out_dim=1024, head_hidden=512, epochs=5,
                  batch_size=32, blr=2e-3, warmup_epochs=1, warmup_teacher_temp_epochs=2),
@@ -305,8 +304,9 @@ def pretraining_images(root):
 
 # -------- Model: student (ViT + heads) and EMA teacher (ViT + projection head)
 class Student(nn.Module):
-    """ViT + iBOT projection head (shared by [CLS] and patches, as iBOT) + pixel head + PKA head, in one forward
-    for DDP. The projection head runs on the patches only when `patch_logits` (it is the one costly head)."""
+    """ViT + iBOT projection head (shared by [CLS] and patches, as iBOT) + pixel head + PKA head, one forward for
+    DDP. The projection head sees the patches only when `patch_logits` (the costly head); its logits go out whole:
+    a compiled output that slices another crashes `--compile` on a warm cache in torch 2.13 (pytorch/pytorch#185630)."""
 
     def __init__(self, backbone, out_dim, head_hidden):
         super().__init__()
@@ -319,7 +319,7 @@ class Student(nn.Module):
     def forward(self, global_views, masks=None, local_views=None, patch_logits=True):
         tokens = self.backbone(global_views, mask=masks)                      # (2B, 1+N, D)
         logits = self.head(tokens if patch_logits else tokens[:, :1])         # (2B, 1+N or 1, C)
-        out = dict(cls=logits[:, 0], patch=logits[:, 1:], pix=self.pixel_head(tokens[:, 1:]),   # (2B, N, p*p*3)
+        out = dict(logits=logits, pix=self.pixel_head(tokens[:, 1:]),          # (2B, N, p*p*3)
                    kp=self.pka_head(tokens[:, 0]))                            # (2B, H, 2)
         if local_views is not None:   # locals: unmasked, [CLS] only (iBOT multi-crop)
             cls_local = self.backbone(local_views)[:, 0]                       # (LB, D)
@@ -351,6 +351,7 @@ def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
         t_logits = teacher['head'](t_tokens if cfg.w_mim else t_tokens[:, :1]).float()   # (2B, 1+N or 1, C)
     # Without a patch-level loss the student sees unmasked views (DINO + PKA).
     s = student(g_views, masks if cfg.w_mim or cfg.w_pix else None, locals_, patch_logits=cfg.w_mim > 0)
+    s.update(cls=s['logits'][:, 0], patch=s['logits'][:, 1:])                 # (2B, C), (2B, N, C); see Student
 
     def per_view(key):   # (2B or LB, ...) -> (B, ...) per view: the globals, then the locals ([CLS] and kp only)
         local = list(s[key + '_local'].float().chunk(n_local)) if n_local else []
@@ -389,7 +390,6 @@ def clip_gradients(params, max_norm):
         return
     norms = torch._foreach_norm(grads)
     torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
-
 
 
 # -------- Training

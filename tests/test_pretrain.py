@@ -514,10 +514,16 @@ def test_freihand_layout_pretrains_on_training_images_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_run(quick_run, tmp_path):
+def test_compile_runs_with_a_cold_and_a_warm_compile_cache(quick_run, tmp_path, monkeypatch):
+    """--compile twice on one compile cache: torch 2.13 corrupts the cached alias metadata of a compiled output
+    that is a slice of the projection head's output (pytorch/pytorch#185630), and the run crashed or read garbage
+    shapes. So Student returns the logits whole and handmim_losses slices them."""
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'cache'))
     data, _, _ = quick_run
-    assert _run(data, tmp_path / 'c', '--compile', '--max_steps', '2') == 0
-    assert len(_losses(tmp_path / 'c')) == 2
+    for run in ('cold', 'warm'):
+        torch._dynamo.reset()
+        assert _run(data, tmp_path / run, '--compile', '--max_steps', '2') == 0
+        assert len(_losses(tmp_path / run)) == 2
 
 
 @pytest.mark.parametrize('off', ['w_cls', 'w_pka', 'w_mim', 'w_pix', 'w_mim w_pix'])
