@@ -275,6 +275,9 @@ def validate(model, dataset, cfg, device, rank=0, world=1, mean_hand=False):
     """{'pa_mpjpe_mm', 'pa_mpvpe_mm'} on `dataset`, sharded over the processes and all-reduced; with
     `mean_hand`, of the MANO mean hand (hands_mean fingers, zero betas) instead of the network's predictions."""
     model.eval()
+    if world > 1:  # DDP updates the pyramid's BatchNorm statistics per rank: score rank 0's, the ones it saves
+        for b in model.buffers():
+            dist.broadcast(b, 0)
     if mean_hand:
         with torch.no_grad():
             mean = model.mano(torch.cat([torch.zeros(1, 3, device=device), model.mano.hands_mean[None]], 1))

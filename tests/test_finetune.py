@@ -1,5 +1,6 @@
 """Tests of finetune.py: losses, camera, layer-wise lr decay, pretrained-checkpoint formats, a tiny-batch
 overfit, exact resume and clear errors on bad checkpoints."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -342,6 +343,73 @@ def test_train_resume_is_exact_and_checkpoint_predicts(synth_set, tmp_path):
     uvw = torch.from_numpy(xyz) @ batch['K'].transpose(1, 2)
     # Weak perspective ignores depth differences within the hand: agreement to a few pixels, not exact.
     assert (uvw[..., :2] / uvw[..., 2:] - uv).norm(dim=-1).mean() < 0.05 * S
+
+
+def test_two_process_gloo_run_validates_the_network_it_saves(synth_set, tmp_path):
+    """finetune.py under torchrun (2 gloo processes, 3 validation images: shards of 2 and 1): rank 0 alone writes,
+    and the validation it logs is the one-process validation of the network in its checkpoint."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(sys.path))
+    cfg = small_config(synth_set, tmp_path / 'o', batch_size=2, epochs=1, max_steps=2)
+    flags = [f'--{k}={getattr(cfg, k)}' for k in ('data', 'output_dir', 'img_size', 'depth', 'batch_size', 'epochs',
+                                                  'warmup_epochs', 'val_fraction', 'workers', 'device', 'blr',
+                                                  'max_steps', 'log_every')]
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(root, 'finetune.py'), *flags], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = read_log(tmp_path / 'o' / 'log.jsonl')
+    assert [x['step'] for x in log if 'loss' in x] == [1, 2]                    # rank 0 alone writes
+    logged = [x for x in log if 'val_pa_mpvpe_mm' in x][-1]
+    model, _ = load_finetuned(str(tmp_path / 'o' / 'checkpoint.pth'))
+    _, val = finetune.make_datasets(cfg)
+    assert len(val) == 3
+    one = finetune.validate(model, val, cfg, torch.device('cpu'))
+    assert logged['val_pa_mpvpe_mm'] == pytest.approx(one['pa_mpvpe_mm'], rel=1e-5)
+    assert logged['val_pa_mpjpe_mm'] == pytest.approx(one['pa_mpjpe_mm'], rel=1e-5)
+
+
+def _reading_network(cfg):
+    """A regressor whose mesh depends on its features (a fresh one starts near the mean hand whatever it sees)."""
+    torch.manual_seed(0)
+    model = build_regressor(dataclasses.asdict(cfg), MANO(synthetic_mano()))
+    for last in (r[-1] for r in model.regressors):
+        last.weight.data.mul_(100)  # from PyMAF's start gain of 0.01 to 1
+    return model
+
+
+def _validate_worker(rank, world, port, cfg, result_path):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    model = _reading_network(cfg)
+    if rank == 1:  # what DDP leaves: BatchNorm statistics updated by this rank's own batches
+        for name, b in model.named_buffers():
+            if 'running_mean' in name:
+                b.add_(1.0)
+            elif 'running_var' in name:
+                b.mul_(0.01)
+    _, val = finetune.make_datasets(cfg)
+    metrics = finetune.validate(model, val, cfg, torch.device('cpu'), rank, world)
+    if rank == 0:
+        torch.save(metrics, result_path)
+    dist.destroy_process_group()
+
+
+def test_validation_in_two_processes_scores_rank_zeros_network(synth_set, tmp_path):
+    """Sharded validation (3 images: 2 on rank 0, 1 on rank 1) equals one process's validation of rank 0's network
+    (the one the checkpoint saves), even where rank 1's BatchNorm statistics differ."""
+    import socket
+    import torch.multiprocessing as mp
+    cfg, _ = apply_preset(small_config(synth_set, tmp_path), finetune.PRESETS, has_gpu=False)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_validate_worker, args=(2, port, cfg, str(tmp_path / 'm.pt')), nprocs=2)
+    model = _reading_network(cfg)
+    _, val = finetune.make_datasets(cfg)
+    one = finetune.validate(model, val, cfg, torch.device('cpu'))
+    two = torch.load(tmp_path / 'm.pt', weights_only=True)
+    assert len(val) == 3 and two == pytest.approx(one, rel=1e-6)
 
 
 def test_head_width_sets_the_deconv_pyramid(mano):
