@@ -56,8 +56,7 @@ def block_mask(h, w, ratio, rng, min_aspect=0.3):
     while count < target:
         remaining, added = target - count, 0
         for _ in range(10):   # up to 10 placement attempts per block, as BEiT
-            area = rng.uniform(min_area, remaining)
-            aspect = math.exp(rng.uniform(*log_ar))
+            area, aspect = rng.uniform(min_area, remaining), math.exp(rng.uniform(*log_ar))
             bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if bh >= h or bw >= w:
                 continue
@@ -83,9 +82,7 @@ def teacher_momentum(total_steps, base=0.996, horizon=10.0):
 
 def make_teacher(student):
     """The EMA teacher: a deep copy of the student that never receives gradients."""
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    return teacher.eval()   # eval: no drop path in the teacher (iBOT builds it with drop_path 0)
+    return copy.deepcopy(student).requires_grad_(False).eval()   # eval: no drop path (iBOT: drop_path 0)
 
 
 @torch.no_grad()
@@ -139,8 +136,7 @@ def mim_loss(student_patch, teacher_probs, masks, student_temp=0.1):
     iBOT) and the views. student_patch, teacher_probs: lists of (B, N, C); masks: list of (B, N) bool."""
     terms = []
     for s, t, m in zip(student_patch, teacher_probs, masks):
-        ce = soft_cross_entropy(t, s, student_temp)                        # (B, N)
-        m = m.float()
+        ce, m = soft_cross_entropy(t, s, student_temp), m.float()          # (B, N) each
         terms.append(((ce * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean())
     return sum(terms) / len(terms)
 
@@ -159,7 +155,15 @@ def pixel_loss(pred, images, mask, patch_size):
     mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)   # unbiased, as MAE
     target = (target - mean) / (var + 1e-6).sqrt()
     per_patch, m = ((pred.float() - target) ** 2).mean(-1), mask.float()     # (B, N) each
-    return (per_patch * m).sum() / m.sum().clamp(min=1.0)
+    return (per_patch * m).sum() / global_count(m.sum())
+
+
+def global_count(count):
+    """Normaliser of a loss averaged over the items of the global batch (masked patches, keypoints: counts vary by
+    rank): under DDP, which averages W ranks' gradients, the all-reduced count / W, so W processes train as one."""
+    if dist.is_initialized():
+        dist.all_reduce(count := count.detach().clone())
+    return count.clamp(min=1.0) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def attention_keypoints(attn, grid):
@@ -197,7 +201,7 @@ def pka_loss(student_kp, teacher_kp, affines, sizes, n_teacher):
             inside = (target.abs() <= 1).all(-1, keepdim=True).float()       # (B, H, 1)
             total = total + ((pred.float() - target).abs() * inside).sum()
             count = count + 2 * inside.sum()
-    return total / count.clamp(min=1.0)   # no host sync: fine under torch.compile and on GPUs
+    return total / global_count(count)   # no host sync: fine under torch.compile and on GPUs
 
 
 # -------- Configuration and presets
@@ -310,8 +314,7 @@ class Student(nn.Module):
 
     def __init__(self, backbone, out_dim, head_hidden):
         super().__init__()
-        D = backbone.embed_dim
-        self.backbone = backbone
+        self.backbone, D = backbone, backbone.embed_dim
         self.head = M.ProjectionHead(D, out_dim, hidden_dim=head_hidden)
         self.pixel_head = M.PixelHead(D, backbone.patch_size)
         self.pka_head = M.PKAHead(D, backbone.num_heads)   # H pseudo keypoints: one per attention head
@@ -367,9 +370,8 @@ def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
     if cfg.w_pix:
         parts['pix'] = pixel_loss(s['pix'], g_views, masks, cfg.patch_size)
     t_kp = attention_keypoints(t_attn, grid).chunk(2)                          # 2 x (B, H, 2)
-    if cfg.w_pka:
-        sizes = [v.shape[-1] for v in batch['views']]
-        parts['pka'] = pka_loss(per_view('kp'), t_kp, batch['affines'], sizes, n_teacher=2)
+    if cfg.w_pka:   # the views' sides in pixels map the keypoints between them
+        parts['pka'] = pka_loss(per_view('kp'), t_kp, batch['affines'], [v.shape[-1] for v in batch['views']], 2)
     total = sum(getattr(cfg, 'w_' + k) * v for k, v in parts.items())
 
     # Diagnostics of collapse: entropy of the centred teacher distribution (0 = one-hot collapse,
@@ -386,10 +388,8 @@ def handmim_losses(student, teacher, centres, batch, cfg, teacher_temp, grid):
 def clip_gradients(params, max_norm):
     """iBOT's per-parameter clipping: each gradient's norm is clipped to max_norm separately."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    if grads:
+        torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in torch._foreach_norm(grads)])
 
 
 # -------- Training
