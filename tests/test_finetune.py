@@ -1,5 +1,5 @@
 """Tests of finetune.py: losses, camera, layer-wise lr decay, pretrained-checkpoint formats, a tiny-batch
-overfit, exact resume and clear errors on bad checkpoints."""
+overfit, exact resume, runs and validation in two processes (gloo), and clear errors on bad checkpoints."""
 import dataclasses
 import json
 import os
