@@ -369,6 +369,33 @@ def test_two_process_gloo_run_validates_the_network_it_saves(synth_set, tmp_path
     assert logged['val_pa_mpjpe_mm'] == pytest.approx(one['pa_mpjpe_mm'], rel=1e-5)
 
 
+def test_two_processes_fine_tune_as_one_process_but_for_batchnorm(synth_set, tmp_path, monkeypatch):
+    """With the pyramid's BatchNorm on its running statistics (its batch statistics are the one thing computed per
+    process) and no drop path, 2 processes of batch 2 under torchrun move the network as one process of batch 4 does,
+    to 1e-3 of the update: the same samples, the lr of the global batch, gradients averaged over the ranks."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / 'frozen_bn.py').write_text(
+        'import sys, torch, finetune\n'
+        'torch.nn.BatchNorm2d.train = lambda self, mode=True: torch.nn.Module.train(self, False)\n'
+        'sys.exit(finetune.main(sys.argv[1:]))\n')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([root, *sys.path]))
+    flags = ['--data', str(synth_set), '--img_size', str(S), '--depth', '2', '--epochs', '1', '--warmup_epochs', '1',
+             '--val_fraction', '0.25', '--workers', '0', '--device', 'cpu', '--drop_path', '0', '--max_steps', '2']
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(tmp_path / 'frozen_bn.py'), *flags, '--batch_size', '2', '--output_dir',
+                        str(tmp_path / 'two')], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setattr(torch.nn.BatchNorm2d, 'train', lambda self, mode=True: torch.nn.Module.train(self, False))
+    assert finetune.main([*flags, '--batch_size', '4', '--output_dir', str(tmp_path / 'one')]) == 0
+    one, two = (torch.load(tmp_path / d / 'checkpoint.pth', weights_only=True) for d in ('one', 'two'))
+    torch.manual_seed(one['config']['seed'])                                  # the runs' initialisation
+    init = build_regressor(one['config'], MANO(synthetic_mano())).state_dict()
+    keys = [k for k, v in init.items() if v.is_floating_point() and 'running' not in k and 'mano' not in k]
+    moved = lambda ck: torch.cat([(ck['model'][k] - init[k]).flatten() for k in keys])
+    assert one['step'] == two['step'] == 2 and moved(one).norm() > 0
+    assert (moved(one) - moved(two)).norm() < 1e-3 * moved(one).norm()
+
+
 def _reading_network(cfg):
     """A regressor whose mesh depends on its features (a fresh one starts near the mean hand whatever it sees)."""
     torch.manual_seed(0)
