@@ -420,6 +420,16 @@ def test_non_finite_loss_skipped_then_stops(quick_run, tmp_path, monkeypatch, ca
     assert 'NaN/inf for 2 steps in a row' in captured.err and 'Traceback' not in captured.err
 
 
+def test_run_with_local_views(quick_run, tmp_path):
+    """iBOT's multi-crop end to end (--n_local 2: two small unmasked views per image for the [CLS] and PKA terms):
+    the run finishes, and its [CLS] loss averages more view pairs than the run without locals (2 -> 6 pairs)."""
+    data, out, _ = quick_run
+    assert _run(data, tmp_path / 'local', '--n_local', '2', '--max_steps', '2') == 0
+    log, base = _losses(tmp_path / 'local'), _losses(out)[:2]
+    assert [r['step'] for r in log] == [1, 2] and all(math.isfinite(r['loss']) for r in log)
+    assert log[0]['cls'] != base[0]['cls'] and log[0]['mim'] == pytest.approx(base[0]['mim'])
+
+
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_mixed_precision_runs(quick_run, tmp_path, amp):
     data, _, _ = quick_run
