@@ -1,4 +1,5 @@
-"""Shared pytest setup: the repository root on sys.path, two CPU threads, fixed seeds, tiny synthetic sets."""
+"""Shared pytest setup: the repository root on sys.path, two CPU threads, fixed seeds, tiny synthetic sets, and
+runs in two processes (torchrun, a free port for torch.multiprocessing)."""
 import os
 import sys
 
@@ -44,3 +45,28 @@ def freihand_set(tmp_path_factory):
 @pytest.fixture(scope='session')
 def ho3d_set(tmp_path_factory):
     return make_synthetic_set(tmp_path_factory.mktemp('synth'), 3, 'ho3d', n_eval=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two processes (gloo on the CPU)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def torchrun():
+    """run(script, *args) -> subprocess.CompletedProcess: the script in 2 processes under torchrun, 1 thread each."""
+    import subprocess
+
+    def run(script, *args):
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(sys.path))
+        return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+    return run
+
+
+@pytest.fixture
+def free_port():
+    """A free TCP port on 127.0.0.1, for init_process_group under torch.multiprocessing.spawn."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

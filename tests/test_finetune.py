@@ -345,18 +345,15 @@ def test_train_resume_is_exact_and_checkpoint_predicts(synth_set, tmp_path):
     assert (uvw[..., :2] / uvw[..., 2:] - uv).norm(dim=-1).mean() < 0.05 * S
 
 
-def test_two_process_gloo_run_validates_the_network_it_saves(synth_set, tmp_path):
+def test_two_process_gloo_run_validates_the_network_it_saves(synth_set, tmp_path, torchrun):
     """finetune.py under torchrun (2 gloo processes, 3 validation images: shards of 2 and 1): rank 0 alone writes,
     and the validation it logs is the one-process validation of the network in its checkpoint."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(sys.path))
     cfg = small_config(synth_set, tmp_path / 'o', batch_size=2, epochs=1, max_steps=2)
     flags = [f'--{k}={getattr(cfg, k)}' for k in ('data', 'output_dir', 'img_size', 'depth', 'batch_size', 'epochs',
                                                   'warmup_epochs', 'val_fraction', 'workers', 'device', 'blr',
                                                   'max_steps', 'log_every')]
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        os.path.join(root, 'finetune.py'), *flags], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = torchrun(os.path.join(root, 'finetune.py'), *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     log = read_log(tmp_path / 'o' / 'log.jsonl')
     assert [x['step'] for x in log if 'loss' in x] == [1, 2]                    # rank 0 alone writes
@@ -369,21 +366,17 @@ def test_two_process_gloo_run_validates_the_network_it_saves(synth_set, tmp_path
     assert logged['val_pa_mpjpe_mm'] == pytest.approx(one['pa_mpjpe_mm'], rel=1e-5)
 
 
-def test_two_processes_fine_tune_as_one_process_but_for_batchnorm(synth_set, tmp_path, monkeypatch):
+def test_two_processes_fine_tune_as_one_process_but_for_batchnorm(synth_set, tmp_path, monkeypatch, torchrun):
     """With the pyramid's BatchNorm on its running statistics (its batch statistics are the one thing computed per
     process) and no drop path, 2 processes of batch 2 under torchrun move the network as one process of batch 4 does,
     to 1e-3 of the update: the same samples, the lr of the global batch, gradients averaged over the ranks."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / 'frozen_bn.py').write_text(
         'import sys, torch, finetune\n'
         'torch.nn.BatchNorm2d.train = lambda self, mode=True: torch.nn.Module.train(self, False)\n'
         'sys.exit(finetune.main(sys.argv[1:]))\n')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([root, *sys.path]))
     flags = ['--data', str(synth_set), '--img_size', str(S), '--depth', '2', '--epochs', '1', '--warmup_epochs', '1',
              '--val_fraction', '0.25', '--workers', '0', '--device', 'cpu', '--drop_path', '0', '--max_steps', '2']
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(tmp_path / 'frozen_bn.py'), *flags, '--batch_size', '2', '--output_dir',
-                        str(tmp_path / 'two')], env=env, capture_output=True, text=True, timeout=120)
+    r = torchrun(tmp_path / 'frozen_bn.py', *flags, '--batch_size', '2', '--output_dir', tmp_path / 'two')
     assert r.returncode == 0, r.stderr[-2000:]
     monkeypatch.setattr(torch.nn.BatchNorm2d, 'train', lambda self, mode=True: torch.nn.Module.train(self, False))
     assert finetune.main([*flags, '--batch_size', '4', '--output_dir', str(tmp_path / 'one')]) == 0
@@ -422,16 +415,12 @@ def _validate_worker(rank, world, port, cfg, result_path):
     dist.destroy_process_group()
 
 
-def test_validation_in_two_processes_scores_rank_zeros_network(synth_set, tmp_path):
+def test_validation_in_two_processes_scores_rank_zeros_network(synth_set, tmp_path, free_port):
     """Sharded validation (3 images: 2 on rank 0, 1 on rank 1) equals one process's validation of rank 0's network
     (the one the checkpoint saves), even where rank 1's BatchNorm statistics differ."""
-    import socket
     import torch.multiprocessing as mp
     cfg, _ = apply_preset(small_config(synth_set, tmp_path), finetune.PRESETS, has_gpu=False)
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(_validate_worker, args=(2, port, cfg, str(tmp_path / 'm.pt')), nprocs=2)
+    mp.spawn(_validate_worker, args=(2, free_port, cfg, str(tmp_path / 'm.pt')), nprocs=2)
     model = _reading_network(cfg)
     _, val = finetune.make_datasets(cfg)
     one = finetune.validate(model, val, cfg, torch.device('cpu'))

@@ -444,20 +444,15 @@ def test_mixed_precision_runs(quick_run, tmp_path, amp):
         assert torch.equal(v, ck['model'][k]) == ('last_layer' in k or amp == 'fp16'), k
 
 
-def test_two_processes_train_as_one_process_on_their_whole_batch(quick_run, tmp_path):
+def test_two_processes_train_as_one_process_on_their_whole_batch(quick_run, tmp_path, torchrun):
     """torchrun with 2 gloo processes of batch 4 (on the folder with broken files): rank 0 alone writes, and without
     drop path (the one randomness drawn per rank) the student moves as in one process of batch 8, to 1e-3 of its
     update. Every loss is a mean over the global batch: masked patches and keypoints counted per rank (MAE's
     pixel loss) put it 4e-3 off."""
-    import subprocess
-    import sys
     data, _, _ = quick_run
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(sys.path))
     flags = ['--data', str(data), *MICRO, '--drop_path', '0', '--device', 'cpu', '--max_steps', '2']
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(root, 'pretrain.py'), *flags, '--output_dir', str(tmp_path / 'two')]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    r = torchrun(os.path.join(root, 'pretrain.py'), *flags, '--output_dir', tmp_path / 'two')
     assert r.returncode == 0, r.stderr[-2000:]
     assert [x['step'] for x in _losses(tmp_path / 'two')] == [1, 2]             # rank 0 alone writes
     n = torch.get_num_threads()
@@ -482,14 +477,10 @@ def _centre_worker(rank, world, port, logits, result_path):
     dist.destroy_process_group()
 
 
-def test_centre_same_in_two_processes_and_one(tmp_path):
-    import socket
+def test_centre_same_in_two_processes_and_one(tmp_path, free_port):
     import torch.multiprocessing as mp
     logits = torch.randn(8, 5, 16)                    # global batch of 8 images x 5 tokens
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(_centre_worker, args=(2, port, logits, str(tmp_path / 'c.pt')), nprocs=2)
+    mp.spawn(_centre_worker, args=(2, free_port, logits, str(tmp_path / 'c.pt')), nprocs=2)
     one = P.Centre(16)
     one.update(logits)
     torch.testing.assert_close(torch.load(tmp_path / 'c.pt', weights_only=True), one.value)
