@@ -65,3 +65,5 @@ def test_short_run_fits_its_images_and_writes_a_backbone_finetune_loads_whole(tm
     assert not missing and not unexpected and len(loaded) == len(before)
     assert not torch.equal(vit.blocks[0].attn.qkv.weight, before['blocks.0.attn.qkv.weight'])
     assert json.load(open(out / 'done.json'))['steps'] == 40
+    assert mae_long.main(args + ['--epochs', '1']) == 0   # again into the same folder (the last flag wins)
+    assert len(open(out / 'log.jsonl').readlines()) == 1
