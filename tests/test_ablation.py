@@ -208,7 +208,8 @@ def test_table_of_attempts_matches_committed_results():
     names: the HandMIM column in that row's folders (the full variant, or masked pixels alone where the folder
     has no full), the scratch column there too, or, for a row that changes only the pretraining, in another
     setting's folder; and the row's seed count is at most the runs behind its HandMIM number. A row naming a
-    folder of single runs (`name/`: one file per run with its `start`) has both columns from those files."""
+    folder of single runs (`name/`: one file per run with its `start`) has its HandMIM (or MAE baseline) column
+    from those files, and its scratch column too where they hold scratch runs, else from another setting's."""
     with open(os.path.join(ROOT, 'docs', 'results.md'), encoding='utf-8') as f:
         lines = f.read().splitlines()
     start = lines.index('| setting | seeds | scratch | HandMIM | results |')
