@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
-from data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from engine import cosine_schedule, option, param_groups, run_cli, save_checkpoint, write_atomic  # noqa: E402
+from data import find_images, load_rgb, normalize  # noqa: E402
+from engine import cosine_schedule, log_jsonl, option, param_groups, run_cli, save_checkpoint, write_atomic  # noqa: E402
 from pretrain import pixel_loss  # noqa: E402
 
 
@@ -73,17 +73,22 @@ class MAE(nn.Module):
 
 
 def load_pool(folder, img_size):
-    """Every image of `folder` (sorted), resized to img_size: uint8 (n, 3, S, S), held in memory."""
-    if not os.path.isdir(folder):
-        raise ValueError(f'--data {folder!r} is not a folder')
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.jpg', '.jpeg', '.png')))
-    if not names:
-        raise ValueError(f'no .jpg or .png images in {folder!r}')
-    out = torch.empty(len(names), 3, img_size, img_size, dtype=torch.uint8)
-    for i, name in enumerate(tqdm(names, desc='loading', leave=False)):
-        img = Image.open(os.path.join(folder, name)).convert('RGB').resize((img_size, img_size), Image.BICUBIC)
-        out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    return out
+    """Every image under `folder` (data.py's search and decoding), resized to img_size: uint8 (n, 3, S, S), held
+    in memory. Files that do not decode are skipped and counted."""
+    paths = find_images(folder)   # raises where there are none
+    out, n, bad = torch.empty(len(paths), 3, img_size, img_size, dtype=torch.uint8), 0, 0
+    for path in tqdm(paths, desc='loading', leave=False):
+        img = load_rgb(path)
+        if img is None:
+            bad += 1
+            continue
+        out[n] = torch.from_numpy(np.array(img.resize((img_size, img_size), Image.BICUBIC))).permute(2, 0, 1)
+        n += 1
+    if bad:
+        print(f'skipped {bad} of {len(paths)} files that do not decode as images')
+    if not n:
+        raise ValueError(f'no image under {folder!r} decodes')
+    return out[:n]
 
 
 def random_views(images, scale=(0.4, 1.0), rotation=30.0, generator=None):
@@ -97,9 +102,8 @@ def random_views(images, scale=(0.4, 1.0), rotation=30.0, generator=None):
     c, s = angle.cos() * side, angle.sin() * side
     theta = torch.stack([torch.stack([c, -s, centre[:, 0]], 1), torch.stack([s, c, centre[:, 1]], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    x = F.grid_sample(images.float() / 255, grid, mode='bilinear', padding_mode='border', align_corners=False)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(F.grid_sample(images.float() / 255, grid, mode='bilinear', padding_mode='border',
+                                   align_corners=False))
 
 
 @dataclasses.dataclass
@@ -126,14 +130,15 @@ def train(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    write_atomic(os.path.join(cfg.output_dir, 'log.jsonl'), '')   # a run again into its folder logs afresh
+    log = os.path.join(cfg.output_dir, 'log.jsonl')
+    write_atomic(log, '')   # a run again into its folder logs afresh
     pool = load_pool(cfg.data, cfg.img_size)
     vit = M.ARCHS[cfg.arch](img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth)
     mae = MAE(vit)
     lr = cfg.blr * cfg.batch_size / 256
     opt = torch.optim.AdamW(param_groups(mae, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
     per_epoch = len(pool) // cfg.batch_size
-    total, log = cfg.epochs * per_epoch, os.path.join(cfg.output_dir, 'log.jsonl')
+    total = cfg.epochs * per_epoch
     g, step, t0 = torch.Generator().manual_seed(cfg.seed), 0, time.time()
     print(f'MAE: {len(pool)} images, {per_epoch} steps an epoch, {total} steps, lr {lr:.2e}')
     for epoch in range(cfg.epochs):
@@ -150,8 +155,7 @@ def train(cfg):
             losses.append(loss.item())
             step += 1
         record = dict(epoch=epoch + 1, step=step, loss=sum(losses) / len(losses), minutes=(time.time() - t0) / 60)
-        with open(log, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        log_jsonl(log, record)
         print(f"epoch {epoch + 1}: masked-pixel loss {record['loss']:.4f}, {record['minutes']:.1f} min", flush=True)
     save_checkpoint(vit.state_dict(), os.path.join(cfg.output_dir, 'backbone.pth'))   # as pretrain.py's
     write_atomic(os.path.join(cfg.output_dir, 'done.json'), json.dumps(dict(

@@ -48,6 +48,17 @@ def test_whole_upright_view_is_the_normalised_image_and_a_half_crop_is_its_centr
     assert crop.shape == whole.shape and ((crop >= lo - 1e-5) & (crop <= hi + 1e-5)).all()
 
 
+def test_pool_skips_and_counts_files_that_do_not_decode(tmp_path, capsys):
+    from PIL import Image
+    for i, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+        Image.new('RGB', (20, 10), colour).save(tmp_path / f'{i}.png')
+    (tmp_path / '2.jpg').write_bytes(b'not an image')
+    pool = mae_long.load_pool(str(tmp_path), 8)                          # (n, 3, S, S) uint8
+    assert pool.shape == (2, 3, 8, 8) and pool.dtype == torch.uint8
+    assert pool[0, 0].eq(255).all() and pool[1, 2].eq(255).all() and pool[:, 1].eq(0).all()
+    assert 'skipped 1 of 3' in capsys.readouterr().out
+
+
 def test_short_run_fits_its_images_and_writes_a_backbone_finetune_loads_whole(tmp_path):
     data = make_synthetic_set(tmp_path, 8, n_eval=1, img_size=32)
     out = tmp_path / 'mae'
