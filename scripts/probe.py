@@ -7,8 +7,9 @@ feature sits) to two targets on a labelled set in the FreiHAND layout:
   joints 2D  the 21 joints in crop coordinates: held-out R^2 (1 = placed exactly, 0 = the mean placement)
 The ridge is fitted on --n_fit training images from --start on, its strength chosen on the next --n_choose and
 the score read on the --n_test after those. Every backbone sees the same images, so the rows compare: a random ViT
-(`random`), a HandMIM backbone.pth (pretrain.py's teacher), the ViT of a fine-tuned best.pth. The standard
-self-supervised check (DINO and iBOT report linear probes), here aimed at what the mesh regressor needs.
+(`random`), a HandMIM backbone.pth or checkpoint.pth (pretrain.py's teacher), the ViT of a fine-tuned best.pth.
+The standard self-supervised check (DINO and iBOT report linear probes), here aimed at what the mesh regressor
+needs.
 Each row also gives every block's mean attention distance on the test images (ViT, Dosovitskiy et al. 2021, Fig. 7):
 how far, in pixels, a patch gathers from. Masked-image pretraining is meant to give a plain ViT the locality a CNN
 has built in (Xie et al. 2023, "Revealing the dark secrets of masked image modeling"); attention spread evenly over
@@ -53,7 +54,7 @@ class ProbeConfig:
 def load_vit(name, cfg):
     """The frozen ViT of one row and its crop size."""
     ckpt = None if name == 'random' else load_checkpoint(name)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict):  # a finetune.py checkpoint
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) and 'teacher' not in ckpt:  # finetune.py's
         model, ft = load_finetuned(name)
         return model.vit, ft['img_size']
     torch.manual_seed(cfg.seed)

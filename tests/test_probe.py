@@ -1,5 +1,6 @@
 """Tests of scripts/probe.py: the ridge against an independent solution, the probe on features that do and do not
-carry the target, and a run over a tiny synthetic set with each kind of backbone row."""
+carry the target, and a run over a tiny synthetic set with each kind of backbone row (random, backbone.pth,
+fine-tuned best.pth, pretraining checkpoint.pth)."""
 import os
 import sys
 from dataclasses import asdict
@@ -53,15 +54,19 @@ def test_probe_runs_on_every_kind_of_row(tmp_path):
     model = build_regressor(config, resolve_mano('synthetic'))
     torch.save(model.vit.state_dict(), tmp_path / 'backbone.pth')
     torch.save(dict(config=config, model=model.state_dict()), tmp_path / 'best.pth')     # as finetune.py writes it
-    argv = [data, 'random', str(tmp_path / 'backbone.pth'), str(tmp_path / 'best.pth'), '--n_fit', '12',
-            '--n_choose', '4', '--n_test', '6', '--start', '2', '--depth', '1', '--img_size', '32']
+    student = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.vit.state_dict().items()}
+    torch.save(dict(config=dict(arch='vit_tiny'), model=student, teacher=model.vit.state_dict(), epoch=1),
+               tmp_path / 'checkpoint.pth')                                          # as pretrain.py writes it
+    argv = [data, 'random', str(tmp_path / 'backbone.pth'), str(tmp_path / 'best.pth'),
+            str(tmp_path / 'checkpoint.pth'), '--n_fit', '12', '--n_choose', '4', '--n_test', '6', '--start', '2',
+            '--depth', '1', '--img_size', '32']
     cfg = config_from_cli(probe.ProbeConfig, argv)
-    assert cfg.backbones == ('random', str(tmp_path / 'backbone.pth'), str(tmp_path / 'best.pth'))
+    assert cfg.backbones == tuple(argv[1:5])
     rows = probe.probe_backbones(cfg)
     assert [r['backbone'] for r in rows] == list(cfg.backbones)
     assert all(-1 <= r['closure_corr'] <= 1 and r['joints2d_r2'] <= 1 for r in rows)
-    assert rows[1]['closure_corr'] == rows[2]['closure_corr']  # the same ViT, saved two ways
-    assert rows[1]['attention_px'] == rows[2]['attention_px'] != rows[0]['attention_px']
+    assert rows[1]['closure_corr'] == rows[2]['closure_corr'] == rows[3]['closure_corr']  # one ViT, saved 3 ways
+    assert rows[1]['attention_px'] == rows[2]['attention_px'] == rows[3]['attention_px'] != rows[0]['attention_px']
     assert all(len(r['attention_px']) == 1 and 0 < r['attention_px'][0] < 32 for r in rows)
     assert rows[0]['closure_corr'] != rows[1]['closure_corr']
     assert run_cli(probe.ProbeConfig, probe.probe_backbones, argv[:3] + ['--depth', '2', '--img_size', '32']) == 2
