@@ -37,8 +37,8 @@ class ProbeConfig:
     """Ridge probes of frozen ViT features: hand closure and 2D joints on held-out images."""
     data: str = option('runs/quickstart/hands', 'a labelled set in the FreiHAND layout (its training split)',
                        positional=True)
-    backbones: tuple = option(('random',), "'random', a backbone.pth or a finetune.py best.pth, one row each",
-                              positional=True)
+    backbones: tuple = option(('random',), "'random', a backbone.pth, a pretrain.py checkpoint.pth (its teacher) "
+                              "or a finetune.py best.pth, one row each", positional=True)
     start: int = option(0, 'first training image used (e.g. past the images a fine-tuned row was trained on)')
     n_fit: int = option(2000, 'images the ridge is fitted on')
     n_choose: int = option(500, 'images the ridge strength is chosen on (next after the fit images)')
