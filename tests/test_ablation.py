@@ -203,6 +203,22 @@ def _cells(folder):
     return out
 
 
+def _as_written(values):
+    """PA-MPVPE values in mm -> their mean +- std as the tables write it ('9.07 +- 0.11', or '9.07' for one)."""
+    x = np.array(values)
+    return ablation.mean_std(dict(mean=x.mean(), std=x.std(ddof=1) if len(x) > 1 else None), 2).replace(' ± ', ' +- ')
+
+
+def _per_run(folder):
+    """assets/<folder>/*.json, one file per run with its `start` -> {start: [pa_mpvpe_mm, ...]}."""
+    runs = {}
+    for path in glob.glob(os.path.join(ROOT, 'assets', folder, '*.json')):
+        with open(path, encoding='utf-8') as f:
+            run = json.load(f)
+        runs.setdefault(run['start'], []).append(run['pa_mpvpe_mm'])
+    return runs
+
+
 def test_table_of_attempts_matches_committed_results():
     """Every number of docs/results.md's table of attempts to make pretraining lead is in the result files its row
     names: the HandMIM column in that row's folders (the full variant, or masked pixels alone where the folder
@@ -222,32 +238,25 @@ def test_table_of_attempts_matches_committed_results():
     cells_of = {f: _cells(f) for f in folders}  # each folder's result files read once
     every_scratch = set().union(*(c.get('scratch', (set(), 0))[0] for c in cells_of.values()))
     # five scratch seeds of the 128 px fine-tuning: the ablation's seeds 0-2 and the per-run files of seeds 3 and 4
-    five = [json.load(open(p))['metrics']['pa_mpvpe_mm'] for p in glob.glob(os.path.join(ROOT, 'assets',
-            'ablation_128', 'scratch_seed*.json'))]
-    five += [json.load(open(p))['pa_mpvpe_mm'] for p in glob.glob(os.path.join(ROOT, 'assets', 'handmim_long',
-             'e100_seeds34', 'scratch_seed*.json'))]
+    rows = ablation.aggregate(ablation.load_results(os.path.join(ROOT, 'assets', 'ablation_128')))
+    five = next(r for r in rows if r['variant'] == 'scratch')['pa_mpvpe_mm']['values']
+    five = list(five) + _per_run(os.path.join('handmim_long', 'e100_seeds34'))['scratch']
     assert len(five) == 5
-    every_scratch.add(ablation.mean_std(dict(mean=np.mean(five), std=np.std(five, ddof=1)), 2).replace(' ± ', ' +- '))
+    every_scratch.add(_as_written(five))
     checked = 0
     for setting, seeds, scratch, handmim, results in table:
         if results == 'docs only':
             continue
         if results.endswith('/`'):   # a folder of per-run files, each with its `start` and `pa_mpvpe_mm`
-            runs = {}
-            for path in glob.glob(os.path.join(ROOT, 'assets', results.strip('`'), '*.json')):
-                with open(path, encoding='utf-8') as f:
-                    run = json.load(f)
-                runs.setdefault(run['start'], []).append(run['pa_mpvpe_mm'])
+            runs = _per_run(results.strip('`'))
             starts = [('handmim' if 'handmim' in runs else 'mae', handmim)]   # HandMIM or an MAE baseline
             if 'scratch' in runs:
                 starts.append(('scratch', scratch))
             else:   # a pretraining-only row: its scratch runs are another setting's
                 assert scratch in every_scratch, f'{setting}: scratch {scratch} is not in {sorted(every_scratch)}'
             for start, text in starts:
-                x = np.array(runs[start])
-                stat = dict(mean=x.mean(), std=x.std(ddof=1) if len(x) > 1 else None)
-                said = ablation.mean_std(stat, 2).replace(' ± ', ' +- ')   # as the tables write it
-                assert text == said and int(seeds) == len(x), f'{setting}: {start} {text}, files {said}'
+                said = _as_written(runs[start])
+                assert text == said and int(seeds) == len(runs[start]), f'{setting}: {start} {text}, files {said}'
             checked += 1
             continue
         names, named = [n.strip(' `') for n in results.split(',')], []
