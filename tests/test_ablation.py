@@ -198,7 +198,7 @@ def _cells(folder):
     out = {}
     for row in rows:
         stat = row['pa_mpvpe_mm']
-        texts = {f'{v:.2f}' for v in stat['values']} | {ablation.mean_std(stat, 2).replace(' ± ', ' +- ')}
+        texts = {f'{v:.2f}' for v in stat['values']} | {_as_written(stat['values'])}
         out[row['variant']] = (texts, len(stat['values']))
     return out
 
