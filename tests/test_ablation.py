@@ -225,7 +225,8 @@ def test_table_of_attempts_matches_committed_results():
     has no full), the scratch column there too, or, for a row that changes only the pretraining, in another
     setting's folder; and the row's seed count is at most the runs behind its HandMIM number. A row naming a
     folder of single runs (`name/`: one file per run with its `start`) has its HandMIM (or MAE baseline) column
-    from those files, and its scratch column too where they hold scratch runs, else from another setting's."""
+    from those files, and its scratch column too where they hold scratch runs, else from another setting's; its
+    seed count is the number of files behind each column ('1 / 2': scratch / HandMIM where the two differ)."""
     with open(os.path.join(ROOT, 'docs', 'results.md'), encoding='utf-8') as f:
         lines = f.read().splitlines()
     start = lines.index('| setting | seeds | scratch | HandMIM | results |')
@@ -249,14 +250,16 @@ def test_table_of_attempts_matches_committed_results():
             continue
         if results.endswith('/`'):   # a folder of per-run files, each with its `start` and `pa_mpvpe_mm`
             runs = _per_run(results.strip('`'))
-            starts = [('handmim' if 'handmim' in runs else 'mae', handmim)]   # HandMIM or an MAE baseline
+            # seeds: one count for both columns, or 'scratch / HandMIM' where the two starts have different counts
+            counts = [int(n) for n in seeds.split(' / ')]
+            starts = [('handmim' if 'handmim' in runs else 'mae', handmim, counts[-1])]   # HandMIM or MAE baseline
             if 'scratch' in runs:
-                starts.append(('scratch', scratch))
+                starts.append(('scratch', scratch, counts[0]))
             else:   # a pretraining-only row: its scratch runs are another setting's
                 assert scratch in every_scratch, f'{setting}: scratch {scratch} is not in {sorted(every_scratch)}'
-            for start, text in starts:
+            for start, text, n in starts:
                 said = _as_written(runs[start])
-                assert text == said and int(seeds) == len(runs[start]), f'{setting}: {start} {text}, files {said}'
+                assert text == said and n == len(runs[start]), f'{setting}: {start} {text} ({n}), files {said}'
             checked += 1
             continue
         names, named = [n.strip(' `') for n in results.split(',')], []
